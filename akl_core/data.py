@@ -1,0 +1,346 @@
+"""JSONL training data: formats, validation, tokenization with labels, batching.
+
+Three formats, one JSON object per line (``auto`` detects the format from the first line):
+- dolly:            {"instruction": str, "context": str (optional), "response": str}
+- prompt_response:  {"prompt": str, "response": str}   ("completion" is accepted for "response")
+- messages:         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]},
+                    the last message from the assistant.
+Other keys are ignored. Prompts are used verbatim (Dolly through the fixed template below); chat
+examples go through the tokenizer's chat template and only assistant tokens are learned.
+
+No torch or transformers import at module level: the API validates uploads with this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+FORMATS = ("auto", "dolly", "prompt_response", "messages")
+ROLES = ("system", "user", "assistant")
+DEMO_DIR = Path(__file__).resolve().parent / "datasets" / "demo"
+DEMO_SPLITS = ("train", "validation", "test")
+
+# The Dolly prompt of MiniLLM / DistiLLM, which the AKL paper's experiments follow.
+DOLLY_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+DOLLY_CONTEXT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+# Used only when a tokenizer has no chat template of its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """Invalid training data; the message names the file, the line and the field."""
+
+    code = "invalid_data"
+
+
+@dataclass
+class Example:
+    """One example: either ``prompt`` + ``response`` or chat ``messages``."""
+
+    prompt: str | None = None
+    response: str | None = None
+    messages: list[dict[str, str]] | None = None
+    line: int = 0  # 1-based line in the source file, for messages
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+# -- reading and validation ---------------------------------------------------------------------
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """'demo:SPLIT' -> the packaged demo file; anything else -> Path(path)."""
+    text = str(path)
+    if text.startswith("demo:"):
+        split = text.split(":", 1)[1]
+        if split not in DEMO_SPLITS:
+            raise DataError(
+                f"{text}: unknown demo split; use one of {', '.join('demo:' + s for s in DEMO_SPLITS)}"
+            )
+        return DEMO_DIR / f"{split}.jsonl"
+    return Path(path)
+
+
+def read_examples(path: str | Path, format: str = "auto", limit: int | None = None) -> list[Example]:
+    """Parse a JSONL file (or 'demo:train' / 'demo:validation' / 'demo:test') into examples."""
+    file = resolve_data_path(path)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from exc
+    return parse_jsonl(data, name=str(path), format=format, limit=limit)
+
+
+def validate_jsonl_bytes(
+    data: bytes, max_line_bytes: int = 1_000_000, format: str = "auto", name: str = "upload"
+) -> int:
+    """Check an uploaded JSONL file without tokenizing it; returns the number of examples."""
+    return len(parse_jsonl(data, name=name, format=format, max_line_bytes=max_line_bytes))
+
+
+def parse_jsonl(
+    data: bytes,
+    name: str = "data",
+    format: str = "auto",
+    limit: int | None = None,
+    max_line_bytes: int | None = None,
+) -> list[Example]:
+    """Parse JSONL bytes; every error names ``name``, the 1-based line and the field."""
+    if format not in FORMATS:
+        raise DataError(f"{name}: unknown format '{format}'; use one of {', '.join(FORMATS)}")
+    examples: list[Example] = []
+    detected = None if format == "auto" else format
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if limit is not None and len(examples) >= limit:
+            break
+        where = f"{name}, line {number}"
+        if max_line_bytes is not None and len(raw) > max_line_bytes:
+            raise DataError(f"{where}: line is {len(raw)} bytes, more than the limit of {max_line_bytes}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if detected is None:
+            detected = detect_format(row, where)
+        examples.append(_parse_row(row, detected, where, number))
+    if not examples:
+        raise DataError(f"{name}: no examples (the file is empty)")
+    return examples
+
+
+def detect_format(row: dict[str, Any], where: str = "data") -> str:
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row:
+        return "dolly"
+    if "prompt" in row:
+        return "prompt_response"
+    raise DataError(
+        f"{where}: cannot detect the format from keys {sorted(row)[:8]}; expected 'messages', "
+        "'instruction' + 'response' (Dolly) or 'prompt' + 'response'"
+    )
+
+
+def _string(
+    row: dict[str, Any], key: str, where: str, *, required: bool = True, empty_ok: bool = False
+) -> str | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: field '{key}' is missing")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not empty_ok and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _parse_row(row: dict[str, Any], fmt: str, where: str, number: int) -> Example:
+    if fmt == "messages":
+        return Example(messages=_parse_messages(row.get("messages"), where), line=number)
+    if fmt == "dolly":
+        instruction = _string(row, "instruction", where)
+        context = _string(row, "context", where, required=False, empty_ok=True)
+        template = DOLLY_CONTEXT_TEMPLATE if context and context.strip() else DOLLY_TEMPLATE
+        prompt = template.format(instruction=instruction, context=context)
+        return Example(prompt=prompt, response=_string(row, "response", where), line=number)
+    # prompt_response
+    prompt = _string(row, "prompt", where, empty_ok=True)
+    key = "response" if "response" in row or "completion" not in row else "completion"
+    return Example(prompt=prompt, response=_string(row, key, where), line=number)
+
+
+def _parse_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if messages is None:
+        raise DataError(f"{where}: field 'messages' is missing")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    out = []
+    for i, msg in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(msg, dict):
+            raise DataError(f"{at} must be an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise DataError(f"{at}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise DataError(f"{at}.content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field 'messages': the last message must have role 'assistant'")
+    if not out[-1]["content"].strip():
+        raise DataError(f"{where}: field 'messages': the last (assistant) message is empty")
+    return out
+
+
+# -- tokenization -------------------------------------------------------------------------------
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template as text (a plain fallback template if it has none)."""
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+
+
+def _keep_prompt_end(ids: list[int], max_prompt_length: int, bos_id: int | None) -> list[int]:
+    """The last max_prompt_length tokens, keeping a leading BOS if the tokenizer added one."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    if bos_id is not None and ids[0] == bos_id and max_prompt_length > 1:
+        return [bos_id, *ids[len(ids) - max_prompt_length + 1 :]]
+    return ids[len(ids) - max_prompt_length :]
+
+
+def encode_prompt(ex: Example, tokenizer, max_prompt_length: int) -> list[int]:
+    """Prompt token ids for generation, exactly as ``tokenize_example`` conditions the response."""
+    if ex.is_chat:
+        text = render_chat(tokenizer, ex.messages[:-1], add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+    return _keep_prompt_end(ids, max_prompt_length, tokenizer.bos_token_id)
+
+
+def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length: int) -> dict[str, list[int]]:
+    """input_ids and labels (prompt and non-assistant tokens are IGNORE_INDEX).
+
+    The prompt keeps its last max_prompt_length tokens; the whole sequence its first max_length.
+    The response ends with EOS so the student learns to stop.
+    """
+    if ex.is_chat:
+        ids, learn = _tokenize_chat(ex.messages, tokenizer, max_prompt_length)
+    else:
+        prompt = _keep_prompt_end(
+            tokenizer(ex.prompt, add_special_tokens=True)["input_ids"],
+            max_prompt_length,
+            tokenizer.bos_token_id,
+        )
+        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids, learn = prompt + response, [False] * len(prompt) + [True] * len(response)
+    ids, learn = ids[:max_length], learn[:max_length]
+    return {
+        "input_ids": ids,
+        "labels": [t if keep else IGNORE_INDEX for t, keep in zip(ids, learn, strict=True)],
+    }
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant turn in ``full``, from renders of message prefixes."""
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: i + 1])
+        if not (full.startswith(before) and full.startswith(through)):
+            raise DataError(
+                "the chat template does not render message prefixes as prefixes of the whole chat"
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _tokenize_chat(
+    messages: list[dict[str, str]], tokenizer, max_prompt_length: int
+) -> tuple[list[int], list[bool]]:
+    full = render_chat(tokenizer, messages)
+    spans = _assistant_char_spans(tokenizer, messages, full)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, ends = enc["input_ids"], [e for _, e in enc["offset_mapping"]]
+
+        def first_token(char: int) -> int:  # the first token that ends after `char`
+            return next((i for i, e in enumerate(ends) if e > char), len(ids))
+
+    else:  # slow tokenizers have no offsets: count the tokens of the rendered prefix
+
+        def first_token(char: int) -> int:
+            return len(tokenizer(full[:char], add_special_tokens=False)["input_ids"])
+
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    learn = [False] * len(ids)
+    for start, end in spans:
+        a, b = first_token(start), first_token(end)
+        learn[a:b] = [True] * (b - a)
+    last = first_token(spans[-1][0])  # where the final reply starts
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in ids[last:]:  # templates whose turn end is not EOS
+        ids, learn = [*ids, eos], [*learn, True]
+    # The prompt of the final reply keeps its end (like prompt/response examples).
+    cut = max(0, last - max_prompt_length)
+    return ids[cut:], learn[cut:]
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
+) -> list[dict[str, list[int]]]:
+    """Tokenize all examples; drops the ones left with no learned token."""
+    out = [tokenize_example(ex, tokenizer, max_length, max_prompt_length) for ex in examples]
+    return [item for item in out if any(label != IGNORE_INDEX for label in item["labels"])]
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with -100 on padding."""
+    import torch
+
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def prompt_and_references(ex: Example, tokenizer=None) -> tuple[str, list[str]]:
+    """(prompt text for generation, reference responses). Chat examples need the tokenizer:
+    the prompt is the chat without its last reply, rendered with the generation prompt.
+
+    To get token ids identical to training, prefer ``encode_prompt`` (it handles BOS).
+    """
+    if ex.is_chat:
+        if tokenizer is None:
+            raise ValueError("prompt_and_references: chat examples need the tokenizer (its chat template)")
+        return render_chat(tokenizer, ex.messages[:-1], add_generation_prompt=True), [
+            ex.messages[-1]["content"]
+        ]
+    return ex.prompt, [ex.response]

@@ -1,0 +1,133 @@
+"""Fused lm_head + divergence: the full (N, V) logits never exist at once.
+
+``compute_fused`` takes the student's and teacher's final hidden states and lm_head weights, as
+Liger-Kernel's chunked distillation losses do (``fused_linear_distillation.py``). For each chunk of
+valid tokens it computes both logits, the divergence (``akl_core.divergences.divergence_chunk``,
+the same per-token code as ``compute``), and the gradients wrt the student's hidden states,
+lm_head weight and bias, accumulated in fp32 during the forward pass; backward only scales them.
+Peak memory: hidden states, weights, their gradients and one chunk of (rows, V) temporaries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from akl_core.divergences import (
+    DivergenceOptions,
+    DivergenceOutput,
+    check_name,
+    chunk_rows,
+    chunk_selectors,
+    divergence_chunk,
+    finish,
+)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out = hidden @ weight.t()  # (R, V)
+    return out if bias is None else out + bias
+
+
+def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
+    """Loss sum, num_tokens, stats sums, and the grads (None where not needed)."""
+    need_h, need_w, need_b = need
+    need_grad = any(need)
+    valid = labels != opts.ignore_index
+    grad_h = torch.zeros_like(sh) if need_h else None
+    grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if need_w else None
+    grad_b = torch.zeros(sb.shape, dtype=torch.float32, device=sb.device) if need_b else None
+    w32 = sw.float() if need_h else None
+    loss_sum = sh.new_zeros((), dtype=torch.float32)
+    stats: dict[str, Tensor] = {}
+    for sel in chunk_selectors(valid, chunk_rows(opts, sw.shape[0], sh.device)):
+        h_c = sh[sel]
+        s_c, t_c = _logits(h_c, sw, sb), _logits(th[sel], tw, tb)
+        loss, g, st = divergence_chunk(name, s_c, t_c, opts, need_grad)  # g: (R, V) fp32
+        del s_c, t_c
+        loss_sum += loss.sum()
+        for k, v in st.items():
+            stats[k] = stats[k] + v if k in stats else v
+        if need_h:
+            gh = g @ w32  # (R, H)
+            if isinstance(sel, slice):
+                grad_h[sel] = gh
+            else:
+                grad_h.index_copy_(0, sel, gh.to(grad_h.dtype))
+        if need_w:
+            grad_w.addmm_(g.t(), h_c.float())  # (V, H)
+        if need_b:
+            grad_b += g.sum(0)
+    return loss_sum, int(valid.sum()), stats, (grad_h, grad_w, grad_b)
+
+
+class _FusedDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras):
+        need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
+        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need)
+        grad_h, grad_w, grad_b = grads
+        ctx.dtypes = (sw.dtype, sb.dtype if sb is not None else None)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        extras["num_tokens"], extras["stats"] = n, stats
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        g = grad_output.float()
+        grad_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * g).to(w_dtype)
+        grad_b = None if grad_b is None else (grad_b * g).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def compute_fused(
+    name: str,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    **options,
+) -> DivergenceOutput:
+    """``compute(name, h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, labels, **options)`` without the logits.
+
+    student_hidden: (B, T, H) or (N, H); student_weight: (V, H); student_bias: (V,) or None.
+    teacher_hidden: (B, T, H') or (N, H'); teacher_weight: (V, H'); teacher_bias: (V,) or None.
+    labels: (B, T) or (N,), aligned with the hidden states. Options as ``compute``.
+    Gradients reach student_hidden, student_weight and student_bias; the teacher is constant.
+    """
+    check_name(name)
+    opts = DivergenceOptions.build(options)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"student and teacher vocabularies differ: {student_weight.shape[0]} vs {teacher_weight.shape[0]}"
+        )
+    if student_hidden.shape[:-1] != labels.shape or teacher_hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not match "
+            f"labels {tuple(labels.shape)}"
+        )
+    if student_hidden.shape[-1] != student_weight.shape[1] or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+        raise ValueError("hidden size does not match the lm_head weight's second dimension")
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    tw = teacher_weight.detach()
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    labels = labels.reshape(-1)
+    sb = student_bias
+    wants_grad = sh.requires_grad or student_weight.requires_grad or (sb is not None and sb.requires_grad)
+    if torch.is_grad_enabled() and wants_grad:
+        extras: dict = {}
+        loss_sum = _FusedDivergence.apply(sh, student_weight, sb, th, tw, tb, labels, name, opts, extras)
+        return finish(loss_sum, extras["num_tokens"], extras["stats"])
+    with torch.no_grad():
+        loss_sum, n, stats, _ = _fused_forward(
+            sh, student_weight, sb, th, tw, tb, labels, name, opts, (False, False, False)
+        )
+    return finish(loss_sum, n, stats)

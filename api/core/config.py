@@ -1,0 +1,65 @@
+"""Service settings from the environment (prefix ``AKL_``); see docs/architecture.md#settings.
+
+Derived paths (database, broker folders, models, artifacts, uploads) default to places under
+``data_root`` so a bare ``akl serve`` works with no configuration at all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AKL_", env_file=".env", extra="ignore")
+
+    environment: Literal["local", "production"] = Field(
+        "local", description="production refuses the embedded SQLite database and filesystem broker"
+    )
+    data_root: Path = Field(Path("./.akl"), description="root of everything the service stores")
+    database_url: str = Field("", description="default: sqlite:///{data_root}/akl.db")
+    broker_url: str = Field("", description="default: filesystem:// with folders under {data_root}/broker")
+    models_root: Path | None = Field(None, description="default: {data_root}/models")
+    artifacts_root: Path | None = Field(None, description="default: {data_root}/artifacts")
+    files_root: Path | None = Field(None, description="uploaded JSONL files; default: {data_root}/files")
+    allow_hub: bool = Field(False, description="allow hf:ORG/NAME model references")
+    max_upload_bytes: int = Field(100 * MiB, ge=1, description="largest accepted upload")
+    max_line_bytes: int = Field(1 * MiB, ge=1, description="largest accepted JSONL line")
+    gpu_queue: str = "gpu"
+    cpu_queue: str = "cpu"
+    default_queue: str = Field("", description="queue of device=auto jobs; default: the gpu queue")
+    enqueue_timeout_s: float = Field(3.0, gt=0, description="give up publishing after this long")
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        root = self.data_root
+        if not self.database_url:
+            self.database_url = f"sqlite:///{root / 'akl.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        self.models_root = self.models_root or root / "models"
+        self.artifacts_root = self.artifacts_root or root / "artifacts"
+        self.files_root = self.files_root or root / "files"
+        if self.environment == "production":
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("AKL_DATABASE_URL must point at PostgreSQL when AKL_ENVIRONMENT=production")
+            if self.broker_url.startswith("filesystem"):
+                raise ValueError("AKL_BROKER_URL must point at Redis when AKL_ENVIRONMENT=production")
+        return self
+
+    @property
+    def broker_root(self) -> Path:
+        """Folder of the filesystem broker (used only when broker_url is filesystem://)."""
+        return self.data_root / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own ``Settings`` and override the dependency)."""
+    return Settings()

@@ -1,0 +1,85 @@
+"""Uploaded JSONL files: bytes under ``{files_root}/{tenant_id}/``, one row each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import File, new_id, utcnow
+
+
+def create_file(
+    *,
+    session: Session,
+    tenant_id: int,
+    filename: str,
+    purpose: str,
+    data: bytes,
+    num_examples: int,
+    root: Path,
+) -> File:
+    """Store ``data`` (already validated) and add its row; the caller commits (or calls
+    ``remove_stored`` when the commit fails, so no orphan bytes remain)."""
+    file_id = new_id("file")
+    folder = root / str(tenant_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{file_id}.jsonl"
+    tmp = folder / f".{file_id}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # atomic: readers never see a partial file
+    row = File(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=len(data),
+        num_examples=num_examples,
+        path=str(path.resolve()),
+    )
+    session.add(row)
+    return row
+
+
+def remove_stored(row: File) -> None:
+    Path(row.path).unlink(missing_ok=True)
+
+
+def get_file(*, session: Session, tenant_id: int, file_id: str) -> File | None:
+    """The tenant's live file, or None (another tenant's file is None too)."""
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != tenant_id or row.deleted_at is not None:
+        return None
+    return row
+
+
+def list_files(
+    *,
+    session: Session,
+    tenant_id: int,
+    purpose: str | None = None,
+    after: File | None = None,
+    limit: int = 100,
+) -> tuple[list[File], bool]:
+    """Newest first; ``after`` is the last file of the previous page. Returns (page, has_more)."""
+    query = select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    if after is not None:
+        query = query.where(
+            (File.created_at < after.created_at)
+            | ((File.created_at == after.created_at) & (File.id < after.id))
+        )
+    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(*, session: Session, row: File) -> None:
+    """Mark deleted (the row stays for jobs that name it); remove the bytes after the commit."""
+    row.deleted_at = utcnow()
+    session.add(row)

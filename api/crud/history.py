@@ -1,0 +1,60 @@
+"""What a job left behind, read for the API: events, metrics, evaluations, checkpoints."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import JobCheckpoint, JobEvaluation, JobEvent, JobMetric
+
+
+def list_events(
+    *, session: Session, job_id: str, after: int | None = None, limit: int = 100
+) -> tuple[list[JobEvent], bool]:
+    """Oldest first, so a client can poll with ``after`` = the last id it saw."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_metrics(
+    *, session: Session, job_id: str, from_step: int | None = None, to_step: int | None = None
+) -> list[JobMetric]:
+    query = select(JobMetric).where(JobMetric.job_id == job_id)
+    if from_step is not None:
+        query = query.where(JobMetric.step >= from_step)
+    if to_step is not None:
+        query = query.where(JobMetric.step <= to_step)
+    return list(session.scalars(query.order_by(JobMetric.step)))
+
+
+def downsample(count: int, max_points: int) -> list[int]:
+    """Indices of at most ``max_points`` of ``count`` rows at an even stride, first and last kept."""
+    if count <= max_points:
+        return list(range(count))
+    if max_points == 1:
+        return [count - 1]
+    return sorted({round(i * (count - 1) / (max_points - 1)) for i in range(max_points)})
+
+
+def list_evaluations(*, session: Session, job_id: str) -> list[JobEvaluation]:
+    query = select(JobEvaluation).where(JobEvaluation.job_id == job_id)
+    return list(session.scalars(query.order_by(JobEvaluation.step, JobEvaluation.id)))
+
+
+def list_checkpoints(*, session: Session, job_id: str) -> list[JobCheckpoint]:
+    """By step, the final model last."""
+    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+    return list(session.scalars(query.order_by(JobCheckpoint.is_final, JobCheckpoint.step, JobCheckpoint.id)))
+
+
+def get_checkpoint(*, session: Session, job_id: str, checkpoint_id: str) -> JobCheckpoint | None:
+    row = session.get(JobCheckpoint, checkpoint_id)
+    return row if row is not None and row.job_id == job_id else None
+
+
+def final_checkpoint(*, session: Session, job_id: str) -> JobCheckpoint | None:
+    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.is_final.is_(True))
+    return session.scalars(query.order_by(JobCheckpoint.step.desc())).first()

@@ -1,0 +1,43 @@
+"""The FastAPI application: ``uvicorn api.main:app`` (settings from the environment) or
+``create_app(settings)``. Importing this module builds nothing; ``app`` is made on first access."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+import akl_core
+from api.core.config import Settings, get_settings
+from api.core.errors import install_error_handlers
+from api.core.limits import MULTIPART_OVERHEAD, BodyLimitMiddleware
+from api.queue import celery_client
+from api.routes import api_router, health
+
+JSON_BODY_LIMIT = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="akl-distill",
+        version=akl_core.__version__,
+        description="Distillation-as-a-service with Adaptive KL. Shapes follow the OpenAI fine-tuning jobs API.",
+    )
+    app.state.settings = settings
+    app.state.celery = celery_client(settings)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.add_middleware(
+        BodyLimitMiddleware, limit_for=lambda path: upload_limit if path == "/v1/files" else JSON_BODY_LIMIT
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(api_router)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

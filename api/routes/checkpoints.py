@@ -1,0 +1,86 @@
+"""Checkpoints and the final model, downloaded as archives streamed on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import StreamingResponse
+
+from api.core.archives import UnsafePath, safe_directory, stream_directory
+from api.crud import history as history_crud
+from api.db.models import Job, JobCheckpoint
+from api.deps import CurrentTenant, SessionDep
+from api.routes.jobs import get_job_or_404
+from api.schemas.common import Page
+from api.schemas.history import CheckpointPublic
+
+router = APIRouter(prefix="/jobs", tags=["checkpoints"])
+
+ArchiveFormat = Literal["tar.gz", "tar"]
+ARCHIVE_RESPONSES = {
+    200: {"content": {"application/gzip": {}, "application/x-tar": {}}, "description": "the archive"}
+}
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(job_id: str, tenant: CurrentTenant, session: SessionDep) -> Page[CheckpointPublic]:
+    """Saved checkpoints by step; the final model (`is_final`) last."""
+    get_job_or_404(session, tenant, job_id)
+    rows = history_crud.list_checkpoints(session=session, job_id=job_id)
+    return Page[CheckpointPublic](data=[CheckpointPublic.from_row(row) for row in rows])
+
+
+def _archive(
+    job: Job, checkpoint: JobCheckpoint, name: str, archive_format: ArchiveFormat
+) -> StreamingResponse:
+    if not job.output_dir:
+        raise HTTPException(404, f"job {job.id} has no artifacts")
+    try:
+        folder = safe_directory(Path(job.output_dir), checkpoint.path)
+    except UnsafePath:
+        raise HTTPException(404, f"the files of checkpoint {checkpoint.id} are no longer available") from None
+    compress = archive_format == "tar.gz"
+    filename = f"{job.id}-{name}.{archive_format}"
+    return StreamingResponse(
+        stream_directory(folder, f"{job.id}-{name}", compress=compress),
+        media_type="application/gzip" if compress else "application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/content",
+    response_class=StreamingResponse,
+    responses=ARCHIVE_RESPONSES,
+)
+def download_checkpoint(
+    job_id: str,
+    checkpoint_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    archive_format: ArchiveFormat = Query("tar.gz", alias="format"),
+) -> StreamingResponse:
+    """Download a checkpoint directory as a tar.gz (or tar) archive."""
+    job = get_job_or_404(session, tenant, job_id)
+    checkpoint = history_crud.get_checkpoint(session=session, job_id=job.id, checkpoint_id=checkpoint_id)
+    if checkpoint is None:
+        raise HTTPException(404, f"checkpoint {checkpoint_id!r} not found")
+    name = "final" if checkpoint.is_final else f"step-{checkpoint.step:08d}"
+    return _archive(job, checkpoint, name, archive_format)
+
+
+@router.get("/{job_id}/model", response_class=StreamingResponse, responses=ARCHIVE_RESPONSES)
+def download_model(
+    job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    archive_format: ArchiveFormat = Query("tar.gz", alias="format"),
+) -> StreamingResponse:
+    """Download the final model (loads with AutoModelForCausalLM.from_pretrained once unpacked)."""
+    job = get_job_or_404(session, tenant, job_id)
+    checkpoint = history_crud.final_checkpoint(session=session, job_id=job.id)
+    if checkpoint is None:
+        raise HTTPException(404, f"job {job_id} has no final model (status {job.status})")
+    return _archive(job, checkpoint, "final", archive_format)

@@ -1,0 +1,54 @@
+"""Liveness and readiness (no API key needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.db.session import get_engine
+from api.queue import broker_folders, is_filesystem_broker
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+def _check_database(url: str) -> str | None:
+    try:
+        with get_engine(url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        return type(exc).__name__
+    return None
+
+
+def _check_broker(request: Request) -> str | None:
+    settings = request.app.state.settings
+    if is_filesystem_broker(settings.broker_url):
+        folder: Path = broker_folders(settings)["queue"]
+        return None if folder.is_dir() else f"broker folder {folder} is missing"
+    try:
+        with request.app.state.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=settings.enqueue_timeout_s)
+    except Exception as exc:
+        return type(exc).__name__
+    return None
+
+
+@router.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """The database and the broker are reachable (503 otherwise)."""
+    problems = {
+        "database": _check_database(request.app.state.settings.database_url),
+        "broker": _check_broker(request),
+    }
+    ok = not any(problems.values())
+    body = {"status": "ok" if ok else "unavailable", "checks": {k: v or "ok" for k, v in problems.items()}}
+    return JSONResponse(body, status_code=200 if ok else 503)

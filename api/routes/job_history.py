@@ -1,0 +1,81 @@
+"""A job's history: lifecycle and log events, per-step metrics (JSON or CSV), evaluations."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request, Response
+
+from api.crud import history as history_crud
+from api.db.models import METRIC_FIELDS
+from api.deps import CurrentTenant, SessionDep
+from api.routes.jobs import get_job_or_404
+from api.schemas.common import Page
+from api.schemas.history import EvaluationPublic, EventPublic, MetricsPublic
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+CSV_FIELDS = ("step", "trained_tokens", *METRIC_FIELDS)
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    after: int | None = Query(None, ge=0, description="the last event id seen; newer events follow"),
+    limit: int = Query(100, ge=1, le=1000),
+) -> Page[EventPublic]:
+    """Lifecycle and log events, oldest first (poll with `after` = the last id seen)."""
+    get_job_or_404(session, tenant, job_id)
+    rows, has_more = history_crud.list_events(session=session, job_id=job_id, after=after, limit=limit)
+    data = [EventPublic.from_row(row) for row in rows]
+    return Page[EventPublic](
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsPublic,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+def get_metrics(
+    job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    request: Request,
+    from_step: int | None = Query(None, ge=0),
+    to_step: int | None = Query(None, ge=0),
+    max_points: int = Query(10_000, ge=1, le=100_000, description="down-sample at an even stride"),
+    format: Literal["json", "csv"] | None = Query(
+        None, description="default: JSON (or CSV for Accept: text/csv)"
+    ),
+) -> MetricsPublic | Response:
+    """Per-step history (loss, lr, tokens/s, g_head, g_tail, w_head, fkl, rkl, ...)."""
+    get_job_or_404(session, tenant, job_id)
+    rows = history_crud.list_metrics(session=session, job_id=job_id, from_step=from_step, to_step=to_step)
+    picked = [rows[i] for i in history_crud.downsample(len(rows), max_points)]
+    points = [{name: getattr(row, name) for name in CSV_FIELDS} for row in picked]
+    wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
+    if wants_csv:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(points)
+        headers = {"Content-Disposition": f'attachment; filename="{job_id}-metrics.csv"'}
+        return Response(buffer.getvalue(), media_type="text/csv", headers=headers)
+    return MetricsPublic(job_id=job_id, fields=list(CSV_FIELDS), total_points=len(rows), data=points)
+
+
+@router.get("/{job_id}/evaluations")
+def list_evaluations(job_id: str, tenant: CurrentTenant, session: SessionDep) -> Page[EvaluationPublic]:
+    """Evaluation results (Rouge-L, distinct-n, validation loss) by step."""
+    get_job_or_404(session, tenant, job_id)
+    rows = history_crud.list_evaluations(session=session, job_id=job_id)
+    return Page[EvaluationPublic](data=[EvaluationPublic.from_row(row) for row in rows])

@@ -1,0 +1,110 @@
+"""Distillation jobs: submit (idempotent), list, get, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Response, status
+
+from api.core.job_refs import RefError, resolve_spec
+from api.crud import jobs as jobs_crud
+from api.db.models import Job
+from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep
+from api.queue import enqueue_job, queue_for
+from api.schemas.common import Page
+from api.schemas.jobs import JobCreate, JobPublic, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def get_job_or_404(session: SessionDep, tenant: CurrentTenant, job_id: str) -> Job:
+    job = jobs_crud.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id!r} not found")
+    return job
+
+
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Idempotency-Key reused"}}
+)
+def create_job(
+    body: JobCreate,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    background: BackgroundTasks,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> JobPublic:
+    """Submit a distillation job; the same Idempotency-Key never creates a second job."""
+    spec = body.spec()
+    try:
+        resolved = resolve_spec(spec, session=session, tenant_id=tenant.id, settings=settings)
+    except RefError as exc:
+        raise HTTPException(exc.status_code, f"{exc.field}: {exc.message}") from None
+    queue = queue_for(spec.resources.device, settings)
+    assert settings.artifacts_root is not None
+    try:
+        job, created = jobs_crud.create_job(
+            session=session,
+            tenant_id=tenant.id,
+            spec=spec.model_dump(mode="json"),
+            resolved_spec=resolved,
+            metadata=body.metadata,
+            queue=queue,
+            artifacts_root=str(settings.artifacts_root.resolve()),
+            idempotency_key=idempotency_key,
+        )
+    except jobs_crud.IdempotencyConflict as exc:
+        raise HTTPException(
+            409, f"Idempotency-Key already used for job {exc.job.id} with a different request body"
+        ) from None
+    if created:
+        # After the response; if the broker is down the reconciler publishes it later.
+        background.add_task(enqueue_job, celery, job_id=job.id, queue=queue)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.from_row(job)
+
+
+@router.get("")
+def list_jobs(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    after: str | None = Query(None, max_length=64, description="the last job id of the previous page"),
+    limit: int = Query(20, ge=1, le=100),
+) -> Page[JobPublic]:
+    """List this tenant's jobs, newest first (cursor pagination with `after`)."""
+    cursor = None
+    if after is not None:
+        cursor = jobs_crud.get_job(session=session, tenant_id=tenant.id, job_id=after)
+        if cursor is None:
+            raise HTTPException(400, f"after: unknown job {after!r}")
+    rows, has_more = jobs_crud.list_jobs(
+        session=session, tenant_id=tenant.id, status=status, after=cursor, limit=limit
+    )
+    data = [JobPublic.from_row(row) for row in rows]
+    return Page[JobPublic](
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    """Get a job: status, times, progress, current metrics, error."""
+    return JobPublic.from_row(get_job_or_404(session, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", responses={409: {"description": "the job already finished"}})
+def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    """Cancel a job: a queued job at once, a running one at its next step."""
+    job = get_job_or_404(session, tenant, job_id)
+    if not jobs_crud.request_cancel(session=session, job=job):
+        session.refresh(job)
+        raise HTTPException(409, f"job {job_id} already {job.status}")
+    return JobPublic.from_row(job)

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from akl_core.spec import JobSpec
+from api.db.models import Job
+from api.schemas.common import unix
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+MAX_METADATA_PAIRS = 16
+
+
+class JobCreate(JobSpec):
+    """The job spec (akl_core.spec.JobSpec) plus optional metadata: up to 16 string pairs."""
+
+    metadata: dict[str, str] | None = Field(None, description="up to 16 pairs; keys <= 64, values <= 512")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs")
+        for key, item in value.items():
+            if not 1 <= len(key) <= 64 or len(item) > 512:
+                raise ValueError("metadata keys are 1..64 characters and values at most 512")
+        return value
+
+    def spec(self) -> JobSpec:
+        return JobSpec.model_validate(self.model_dump(exclude={"metadata"}))
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    object: Literal["distillation.job"] = "distillation.job"
+    id: str
+    status: JobStatus
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+    teacher: str
+    training_file: str
+    validation_file: str | None
+    spec: dict[str, Any]
+    metadata: dict[str, str] | None
+    queue: str
+    progress: float
+    current_step: int
+    total_steps: int | None
+    trained_tokens: int
+    metrics: dict[str, Any] | None = Field(description="the latest step's metrics")
+    error: JobError | None
+    cancel_requested: bool
+    attempts: int
+    model_url: str | None = Field(description="download of the final model, once the job succeeded")
+
+    @classmethod
+    def from_row(cls, row: Job) -> JobPublic:
+        data = row.spec.get("data", {})
+        error = None
+        if row.error_code or row.error_message:
+            error = JobError(code=row.error_code or "internal_error", message=row.error_message or "")
+        return cls(
+            id=row.id,
+            status=row.status,  # type: ignore[arg-type]
+            created_at=unix(row.created_at) or 0,
+            started_at=unix(row.started_at),
+            finished_at=unix(row.finished_at),
+            teacher=row.spec.get("teacher", ""),
+            training_file=data.get("train", ""),
+            validation_file=data.get("validation"),
+            spec=row.spec,
+            metadata=row.metadata_,
+            queue=row.queue,
+            progress=row.progress,
+            current_step=row.current_step,
+            total_steps=row.total_steps,
+            trained_tokens=row.trained_tokens,
+            metrics=row.current_metrics,
+            error=error,
+            cancel_requested=row.cancel_requested,
+            attempts=row.attempts,
+            model_url=f"/v1/jobs/{row.id}/model" if row.status == "succeeded" else None,
+        )

@@ -1,0 +1,109 @@
+"""Chunked == unchunked == fused, values and gradients, for every divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from akl_core.divergences import NAMES, compute
+from akl_core.fused import compute_fused
+
+N, H, H_T, V = 29, 12, 20, 157
+
+
+def _setup(seed=0, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    th = torch.randn(N, H_T, generator=g).to(dtype)
+    tw = (torch.randn(V, H_T, generator=g) * 0.5).to(dtype)
+    tb = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::3] = -100
+    return h, w, b, th, tw, tb, labels
+
+
+def _params(h, w, b):
+    return [x for x in (h, w, b) if x is not None]
+
+
+def _unfused(name, h, w, b, th, tw, tb, labels, **options):
+    s = h @ w.t() + (0 if b is None else b)
+    t = th @ tw.t() + (0 if tb is None else tb)
+    out = compute(name, s, t, labels, all_stats=True, **options)
+    return out, torch.autograd.grad(out.loss, _params(h, w, b))
+
+
+def _fused(name, h, w, b, th, tw, tb, labels, **options):
+    out = compute_fused(name, h, w, th, tw, labels, student_bias=b, teacher_bias=tb, all_stats=True, **options)
+    return out, torch.autograd.grad(out.loss, _params(h, w, b))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_unchunked_fused_agree(name):
+    args = _setup()
+    ref, ref_grads = _unfused(name, *args, chunk_size=10_000)
+    others = [
+        _unfused(name, *args, chunk_size=4),
+        _unfused(name, *args, chunk_size=1),
+        _fused(name, *args, chunk_size=10_000),
+        _fused(name, *args, chunk_size=4),
+        _fused(name, *args),
+    ]
+    for out, grads in others:
+        assert out.num_tokens == ref.num_tokens
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert out.stats == pytest.approx(ref.stats, rel=1e-4, abs=1e-7)
+
+
+def test_fused_3d_inputs_without_bias_and_no_grad():
+    h, w, _, th, tw, _, labels = _setup(seed=1, bias=False)
+    ref, ref_grads = _unfused("akl", h, w, None, th, tw, None, labels)
+    out = compute_fused("akl", h.view(1, N, H), w, th.view(1, N, H_T), tw, labels.view(1, N), chunk_size=7)
+    grads = torch.autograd.grad(out.loss, (h, w))
+    torch.testing.assert_close(out.loss, ref.loss)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        nograd = compute_fused("akl", h, w, th, tw, labels)
+    assert not nograd.loss.requires_grad and math.isclose(nograd.loss.item(), ref.loss.item(), rel_tol=1e-5)
+
+
+def test_fused_bf16_matches_unfused_and_keeps_dtypes():
+    h, w, b, th, tw, tb, labels = _setup(seed=2, dtype=torch.bfloat16)
+    ref, ref_grads = _unfused("akl", h, w, b, th, tw, tb, labels)
+    out, grads = _fused("akl", h, w, b, th, tw, tb, labels, chunk_size=5)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=1e-4)
+    for a, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-3 * r.abs().max().item())
+
+
+def test_fused_all_masked_and_frozen_weight():
+    h, w, b, th, tw, tb, labels = _setup(seed=3)
+    out = compute_fused("akl", h, w, th, tw, torch.full_like(labels, -100), student_bias=b, teacher_bias=tb)
+    assert out.num_tokens == 0 and out.loss.item() == 0.0
+    out.loss.backward()
+    assert h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
+    # a frozen lm_head: only the hidden states receive a gradient, and it is the same
+    w_frozen = w.detach()
+    ref, (ref_gh, _, _) = _unfused("fkl", h, w, b, th, tw, tb, labels)
+    out = compute_fused("fkl", h, w_frozen, th, tw, labels, student_bias=b.detach(), teacher_bias=tb)
+    (gh,) = torch.autograd.grad(out.loss, h)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_shape_errors():
+    h, w, b, th, tw, tb, labels = _setup()
+    with pytest.raises(ValueError, match="vocabularies"):
+        compute_fused("akl", h, w, th, tw[:-1], labels)
+    with pytest.raises(ValueError, match="labels"):
+        compute_fused("akl", h, w, th, tw, labels[:-1])
+    with pytest.raises(ValueError, match="choose from"):
+        compute_fused("nope", h, w, th, tw, labels)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from api.db.models import Job, JobCheckpoint, JobEvaluation, JobEvent, JobMetric
+from worker import leases
+from worker.recorder import EventRecorder
+
+
+def _step(step: int, total: int = 20) -> dict:
+    return {"type": "step", "step": step, "total_steps": total, "loss": 1.0, "g_head": 0.5, "g_tail": 0.25,
+            "w_head": 0.75, "trained_tokens": step * 10, "fkl": float("nan"), "rkl": None}  # fmt: skip
+
+
+def _steps(sf, job_id):
+    with sf() as session:
+        return session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+
+
+def test_batches_steps_and_records_history(sf, make_job, tmp_path: Path):
+    job_id = make_job()
+    assert leases.claim(sf, job_id, "me", lease_s=30)
+    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=50)
+    rec.add({"type": "started", "total_steps": 120, "resumed_from_step": 0})
+    assert rec.flushes == 1  # lifecycle events are written at once
+    for step in range(1, 121):
+        rec.add(_step(step, 120))
+    assert rec.flushes == 1 + 2  # two full batches of 50, not one transaction per step
+    assert len(_steps(sf, job_id)) == 100
+    (tmp_path / "checkpoints/step-00000120").mkdir(parents=True)
+    rec.add({"type": "checkpoint", "step": 120, "path": "checkpoints/step-00000120"})
+    rec.add({"type": "eval", "step": 120, "rouge_l": 0.3, "val_kl": float("nan")})
+    rec.add({"type": "completed", "step": 120, "final_path": "final"})
+    assert _steps(sf, job_id) == list(range(1, 121))
+    with sf() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.current_step, job.total_steps, job.progress, job.trained_tokens) == (120, 120, 1.0, 1200)
+        assert job.current_metrics["g_head"] == 0.5 and job.current_metrics["eval_rouge_l"] == 0.3
+        row = session.scalar(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == 7))
+        assert (row.g_head, row.g_tail, row.w_head, row.fkl, row.rkl) == (0.5, 0.25, 0.75, None, None)
+        evals = session.scalars(select(JobEvaluation).where(JobEvaluation.job_id == job_id)).all()
+        assert [(e.step, e.metrics["rouge_l"], e.metrics["val_kl"]) for e in evals] == [(120, 0.3, None)]
+        ckpts = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
+        # "final" does not exist on disk here, so only the real checkpoint directory remains.
+        assert [(c.step, c.path) for c in ckpts] == [(120, "checkpoints/step-00000120")]
+        types = session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        assert types == ["started", "checkpoint", "eval", "completed"]
+
+
+def test_resume_from_older_checkpoint_leaves_no_gaps_or_duplicates(sf, make_job, tmp_path: Path):
+    job_id = make_job()
+    assert leases.claim(sf, job_id, "me", lease_s=30)
+    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=1000)
+    rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
+    for step in range(1, 13):
+        rec.add(_step(step))
+    rec.flush()
+    # The run died after step 12; the newest checkpoint was at step 10. The resumed run replays
+    # steps 9.. (a duplicate 9, 10) - their rows must not be duplicated, 11 and 12 are rewritten.
+    rec.add(_step(9))
+    rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 10})
+    for step in range(11, 21):
+        rec.add(_step(step))
+    rec.add(_step(15))  # a duplicate in the same batch
+    rec.flush()
+    assert _steps(sf, job_id) == list(range(1, 21))
+
+
+def test_a_recorder_that_lost_its_lease_writes_nothing(sf, make_job, tmp_path: Path):
+    job_id = make_job()
+    assert leases.claim(sf, job_id, "me", lease_s=30)
+    with sf() as session, session.begin():
+        session.get_one(Job, job_id).lease_owner = "someone-else"
+    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=1000)
+    rec.add(_step(1))
+    rec.flush()
+    assert rec.lease_lost and _steps(sf, job_id) == []

@@ -1,0 +1,247 @@
+"""Write a run's events to the database in batches: one transaction per flush, not per step.
+
+- ``step`` events become ``job_metrics`` rows (the gap history); a step already recorded is skipped
+  (ON CONFLICT DO NOTHING), and a run that resumes from an older checkpoint first deletes the rows
+  after that checkpoint, so the history never has gaps or duplicates.
+- ``eval`` events become ``job_evaluations``; ``checkpoint`` / ``stopped`` / ``completed`` become
+  ``job_checkpoints`` (rows whose directory the runner has since pruned are dropped).
+- everything but ``step`` is also kept in ``job_events`` (the job's log).
+- the job row gets progress, step counters and the latest metrics.
+
+Every flush is conditional on our lease: a worker that lost its job writes nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from api.db.models import (
+    METRIC_FIELDS,
+    RUNNING,
+    Job,
+    JobCheckpoint,
+    JobEvaluation,
+    JobEvent,
+    JobMetric,
+    utcnow,
+)
+from worker.leases import SessionFactory
+
+Event = dict[str, Any]
+
+LOGGED_TYPES = ("started", "eval", "checkpoint", "log", "completed", "stopped", "error")
+
+
+class LeaseLost(RuntimeError):
+    """Another worker holds the job now (our lease expired); stop writing and stop the run."""
+
+
+class EventRecorder:
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        job_id: str,
+        owner: str,
+        output_dir: Path,
+        *,
+        flush_interval_s: float = 1.5,
+        flush_max_events: int = 200,
+    ):
+        self.session_factory = session_factory
+        self.job_id = job_id
+        self.owner = owner
+        self.output_dir = output_dir
+        self.flush_interval_s = flush_interval_s
+        self.flush_max_events = flush_max_events
+        self.buffer: list[Event] = []
+        self.last_flush = time.monotonic()
+        self.lease_lost = False
+        self.flushes = 0  # number of transactions written (tests check batching)
+
+    def add(self, event: Event) -> None:
+        self.buffer.append(event)
+        urgent = event.get("type") in ("started", "completed", "stopped", "error")
+        if urgent or len(self.buffer) >= self.flush_max_events:
+            self.flush()
+
+    def tick(self) -> None:
+        if self.buffer and time.monotonic() - self.last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer or self.lease_lost:
+            return
+        events, self.buffer = self.buffer, []
+        with self.session_factory() as session, session.begin():
+            if not self._touch_job(session, events):
+                self.lease_lost = True
+                return
+            self._write(session, events)
+        self.flushes += 1
+
+    # -- one transaction -------------------------------------------------------------------
+    def _touch_job(self, session: Session, events: list[Event]) -> bool:
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        metrics: dict[str, Any] | None = None
+        for event in events:
+            kind = event.get("type")
+            if kind == "started":
+                values["total_steps"] = int(event.get("total_steps") or 0) or None
+                values["current_step"] = int(event.get("resumed_from_step") or 0)
+            elif kind == "step":
+                step, total = int(event["step"]), int(event.get("total_steps") or 0)
+                values.update(current_step=step, trained_tokens=int(event.get("trained_tokens") or 0))
+                if total:
+                    values.update(total_steps=total, progress=min(1.0, step / total))
+                metrics = {**(metrics or {}), **_current(event)}
+            elif kind == "eval":
+                evals = {f"eval_{k}": _float(v) for k, v in _numbers(event).items() if k != "step"}
+                metrics = {**(metrics or {}), **evals}
+            elif kind == "completed":
+                values["progress"] = 1.0
+                values["current_step"] = int(event.get("step") or 0)
+        stmt = (
+            update(Job)
+            .where(Job.id == self.job_id, Job.lease_owner == self.owner, Job.status == RUNNING)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if session.execute(stmt).rowcount != 1:
+            return False
+        if metrics:
+            job = session.get_one(Job, self.job_id)
+            job.current_metrics = {**(job.current_metrics or {}), **metrics}
+        return True
+
+    def _write(self, session: Session, events: list[Event]) -> None:
+        steps: dict[int, dict[str, Any]] = {}
+        for event in events:
+            kind = event.get("type")
+            if kind == "started":
+                self._flush_steps(session, steps)
+                steps = {}
+                self._truncate_after(session, int(event.get("resumed_from_step") or 0))
+            elif kind == "step":
+                steps[int(event["step"])] = event
+            elif kind == "eval":
+                self._record_eval(session, event)
+            elif kind == "checkpoint":
+                self._record_checkpoint(session, int(event["step"]), str(event["path"]), is_final=False)
+            elif kind == "stopped" and event.get("checkpoint"):
+                self._record_checkpoint(session, int(event.get("step") or 0), str(event["checkpoint"]), is_final=False)
+            elif kind == "completed":
+                self._record_checkpoint(
+                    session, int(event.get("step") or 0), str(event.get("final_path") or "final"), is_final=True
+                )
+            if kind in LOGGED_TYPES:
+                session.add(_job_event(self.job_id, event))
+        self._flush_steps(session, steps)
+        if any(e.get("type") in ("checkpoint", "stopped", "completed") for e in events):
+            self._prune_checkpoints(session)
+
+    def _truncate_after(self, session: Session, step: int) -> None:
+        """A (re)started run continues from ``step``: history beyond it will be written again."""
+        for model in (JobMetric, JobEvaluation):
+            session.execute(delete(model).where(model.job_id == self.job_id, model.step > step))
+        session.execute(
+            delete(JobCheckpoint).where(JobCheckpoint.job_id == self.job_id, JobCheckpoint.step > step)
+        )
+
+    def _flush_steps(self, session: Session, steps: dict[int, dict[str, Any]]) -> None:
+        if not steps:
+            return
+        rows = [
+            {"job_id": self.job_id, "step": step, "trained_tokens": _int(e.get("trained_tokens")), **_step_metrics(e)}
+            for step, e in sorted(steps.items())
+        ]
+        insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        stmt = insert(JobMetric).values(rows).on_conflict_do_nothing(index_elements=["job_id", "step"])
+        session.execute(stmt)
+
+    def _record_eval(self, session: Session, event: Event) -> None:
+        step = int(event.get("step") or 0)
+        session.execute(
+            delete(JobEvaluation).where(JobEvaluation.job_id == self.job_id, JobEvaluation.step == step)
+        )
+        metrics = _finite({k: v for k, v in event.items() if k not in ("type", "step")})
+        session.add(JobEvaluation(job_id=self.job_id, step=step, metrics=metrics))
+
+    def _record_checkpoint(self, session: Session, step: int, path: str, *, is_final: bool) -> None:
+        existing = session.scalar(
+            select(JobCheckpoint).where(JobCheckpoint.job_id == self.job_id, JobCheckpoint.path == path)
+        )
+        if existing is None:
+            session.add(JobCheckpoint(job_id=self.job_id, step=step, path=path, is_final=is_final))
+        else:
+            existing.step, existing.is_final = step, is_final
+        session.flush()
+
+    def _prune_checkpoints(self, session: Session) -> None:
+        rows = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == self.job_id)).all()
+        for row in rows:
+            if not (self.output_dir / row.path).is_dir():
+                session.delete(row)
+
+
+def _step_metrics(event: Event) -> dict[str, float | None]:
+    return {name: _float(event.get(name)) for name in METRIC_FIELDS}
+
+
+def _current(event: Event) -> dict[str, Any]:
+    return {"step": _int(event.get("step")), "epoch": _float(event.get("epoch")), **_step_metrics(event)}
+
+
+def _numbers(event: Event) -> dict[str, float]:
+    return {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _job_event(job_id: str, event: Event) -> JobEvent:
+    kind = str(event.get("type"))
+    level = "error" if kind == "error" else str(event.get("level") or "info")
+    message = str(event.get("message") or _summary(event))
+    data = _finite({k: v for k, v in event.items() if k not in ("type", "level", "message")})
+    return JobEvent(job_id=job_id, type=kind[:32], level=level[:16], message=message, data=data or None)
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf -> None: JSON columns (PostgreSQL) refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _summary(event: Event) -> str:
+    kind = event.get("type")
+    if kind == "started":
+        return f"started: {event.get('total_steps')} steps, resumed from step {event.get('resumed_from_step', 0)}"
+    if kind == "checkpoint":
+        return f"checkpoint at step {event.get('step')}: {event.get('path')}"
+    if kind == "eval":
+        return f"evaluation at step {event.get('step')}: rouge_l={event.get('rouge_l')}"
+    if kind == "completed":
+        return f"completed at step {event.get('step')}"
+    if kind == "stopped":
+        return f"stopped at step {event.get('step')}"
+    return str(kind)
