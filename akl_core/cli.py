@@ -85,8 +85,11 @@ def distill_command(
     output.mkdir(parents=True, exist_ok=True)
     if job.resources.processes > 1:
         raise typer.Exit(_distill_subprocess(spec, output, resume, console))
+    from transformers.utils import logging as hf_logging
+
     from akl_core.trainer import distill
 
+    hf_logging.disable_progress_bar()
     stop = {"requested": False}
 
     def on_sigint(signum, frame):

@@ -14,7 +14,7 @@ No torch or transformers import at module level: the API validates uploads with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,6 @@ class Example:
     response: str | None = None
     messages: list[dict[str, str]] | None = None
     line: int = 0  # 1-based line in the source file, for messages
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -244,7 +243,12 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length:
     The response ends with EOS so the student learns to stop.
     """
     if ex.is_chat:
-        ids, learn = _tokenize_chat(ex.messages, tokenizer, max_prompt_length)
+        from jinja2 import TemplateError
+
+        try:
+            ids, learn = _tokenize_chat(ex.messages, tokenizer, max_prompt_length)
+        except (DataError, TemplateError) as exc:  # e.g. "Conversation roles must alternate"
+            raise DataError(f"example from line {ex.line}: cannot apply the chat template: {exc}") from None
     else:
         prompt = _keep_prompt_end(
             tokenizer(ex.prompt, add_special_tokens=True)["input_ids"],
@@ -269,9 +273,7 @@ def _assistant_char_spans(tokenizer, messages: list[dict[str, str]], full: str) 
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = render_chat(tokenizer, messages[: i + 1])
         if not (full.startswith(before) and full.startswith(through)):
-            raise DataError(
-                "the chat template does not render message prefixes as prefixes of the whole chat"
-            )
+            raise DataError("the template does not render message prefixes as prefixes of the whole chat")
         spans.append((len(before), len(through)))
     return spans
 

@@ -32,8 +32,9 @@ NAMES = ("fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd", "jsd")
 STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 
 # Tokens (rows of V logits) per chunk when chunk_size is None: about this many fp32 elements.
-_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}
-_TOPK = 64  # first top-k tried for AKL's head; grows x16 per retry for rows it does not cover
+_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 23}
+_BLOCK, _BLOCKS = 64, 8  # AKL's head candidates: the 8 blocks of 64 tokens with the top logits
+_TOPK = 64  # then a top-k for the rows those did not settle; k grows x16 per retry up to V
 
 
 @dataclass(frozen=True)
@@ -103,130 +104,219 @@ def check_name(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-token functions. Each takes a _Rows (one chunk of valid tokens) and returns
-# (loss (R,), grad wrt z = logits / T (R, V) or None, stats {name: (R,)}).
+# Per-token functions. Each takes a _Rows (one chunk of valid tokens) and ``out`` ((R, V) fp32
+# or None), writes the gradient wrt z = logits / T into ``out`` when given, and returns
+# (loss (R,), stats {name: (R,)}).
 # --------------------------------------------------------------------------------------------
 
 
-class _Rows:
-    """One chunk of tokens: log p, log q (fp32, (R, V)) and the quantities derived from them."""
+class Workspace:
+    """(rows, V) fp32 buffers reused from chunk to chunk.
 
-    def __init__(self, lp: Tensor, lq: Tensor, safe: bool):
-        self.lp, self.lq, self.safe = lp, lq, safe
-        self.p, self.q = lp.exp(), lq.exp()
-        self._d: Tensor | None = None
+    Fresh multi-megabyte tensors cost page faults on every chunk (measured: up to 10x the
+    arithmetic on CPU), so each chunk writes into the same few buffers with ``out=``.
+    """
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, key: str, r: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        buf = self._bufs.get((key, dtype))
+        if buf is None:
+            buf = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
+            self._bufs[(key, dtype)] = buf
+        return buf[:r]
+
+
+class _Rows:
+    """One chunk of tokens from tempered fp32 logits z_s, z_t (R, V).
+
+    p, q: softmax; d = log p - log q (0 where both are -inf); lse_t, lse_s: log-sum-exp (R,).
+    log p and log q themselves are built only for the divergences that need them.
+    """
+
+    def __init__(self, z_s: Tensor, z_t: Tensor, safe: bool, ws: Workspace):
+        r = z_s.shape[0]
+        self.z_s, self.z_t, self.safe, self.ws = z_s, z_t, safe, ws
+        self.p = torch.softmax(z_t, -1, out=ws.get("p", r))
+        self.q = torch.softmax(z_s, -1, out=ws.get("q", r))
+        # max(p) = exp(max(z) - lse): the log-normalisers from two cheap reductions, no log_softmax
+        self.lse_t = z_t.amax(-1) - self.p.amax(-1).log()
+        self.lse_s = z_s.amax(-1) - self.q.amax(-1).log()
+        d = torch.sub(z_t, z_s, out=ws.get("d", r)).add_((self.lse_s - self.lse_t)[:, None])
+        if safe:
+            d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        self.d = d
 
     @property
-    def d(self) -> Tensor:
-        """log p - log q, with 0 where both are -inf (masked vocabulary entries)."""
-        if self._d is None:
-            d = self.lp - self.lq
-            if self.safe:
-                d = torch.nan_to_num_(d, nan=0.0, posinf=math.inf, neginf=-math.inf)
-            self._d = d
-        return self._d
+    def lp(self) -> Tensor:
+        return self.z_t - self.lse_t[:, None]
+
+    @property
+    def lq(self) -> Tensor:
+        return self.z_s - self.lse_s[:, None]
+
+    def buf(self, key: str) -> Tensor:
+        return self.ws.get(key, self.p.shape[0])
 
     def fkl(self) -> Tensor:
-        terms = self.p * self.d
-        if self.safe:  # 0 * -inf where p == 0 < q must count 0
-            terms = torch.where(self.p > 0, terms, 0.0)
+        terms = torch.mul(self.p, self.d, out=self.buf("pd"))
+        if self.safe:  # 0 * -inf where p == 0 < q counts 0
+            terms.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
         return terms.sum(-1)
 
-    def rkl(self) -> Tensor:
-        terms = self.q * self.d
+    def q_times_d(self, out: Tensor | None) -> Tensor:
+        """q * d (into out); -sum of it is RKL. 0 where q == 0."""
+        qd = torch.mul(self.q, self.d, out=self.buf("qd") if out is None else out)
         if self.safe:
-            terms = torch.where(self.q > 0, terms, 0.0)
-        return -terms.sum(-1)
+            qd.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        return qd
 
-    def abs_gap(self) -> Tensor:
-        """sum_v |p_v - q_v| = g_head + g_tail."""
-        return (self.p - self.q).abs_().sum(-1)
+    def rkl(self) -> Tensor:
+        return -self.q_times_d(None).sum(-1)
+
+    def q_minus_p(self, out: Tensor | None = None) -> Tensor:
+        """q - p, the FKL gradient; its row L1 norm is g_head + g_tail."""
+        return torch.sub(self.q, self.p, out=self.buf("qp") if out is None else out)
 
 
-def _softmax_grad(q: Tensor, g: Tensor) -> Tensor:
+def _softmax_grad(q: Tensor, g: Tensor, out: Tensor) -> None:
     """Gradient wrt z of a loss whose gradient wrt q = softmax(z) is g: q * (g - <q, g>)."""
     g = torch.where(q > 0, g, 0.0)  # entries with q == 0 have no gradient (and may hold inf)
-    return q * (g - (q * g).sum(-1, keepdim=True))
+    torch.mul(q, g - (q * g).sum(-1, keepdim=True), out=out)
 
 
-def _rkl_grad(rows: _Rows, rkl: Tensor) -> Tensor:
-    # d/dz sum q (log q - log p) = q * (log q - log p - RKL)
-    grad = rows.q * (rows.d + rkl[:, None]).neg_()
-    if rows.safe:
-        grad = torch.where(rows.q > 0, grad, 0.0)
-    return grad
+def _finish_mixed_grad(rows: _Rows, qd: Tensor, rkl: Tensor, w_f, w_r, qp: Tensor) -> None:
+    """Turn qd = q * d (the grad buffer) into w_f (q - p) - w_r (q d + q RKL), in place.
+
+    That is w_f * grad FKL + w_r * grad RKL; weights are floats or (R,) constants.
+    """
+    qd.addcmul_(rows.q, rkl[:, None])
+    if isinstance(w_r, Tensor):
+        qd.mul_(w_r.neg()[:, None]).addcmul_(qp, w_f[:, None])
+    else:
+        qd.mul_(-w_r).add_(qp, alpha=w_f)
 
 
 def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
     """(g_head, head_size) per row: sum of |p - q| over AKL's head, and the head's size.
 
     Head (AKL.md): sort p descending, cumulative c_i; token i is in the head when c_i <= mu;
-    the top-1 token always is. It is a prefix of the top-k of p, so take a top-k and grow k
-    only for rows whose boundary lies beyond it (c_{k-1} <= mu); k = V is the full sort.
+    the top-1 token always is. The head is a prefix of the sorted p, so no full sort is needed:
+    1. candidates: the _BLOCKS vocabulary blocks of _BLOCK tokens with the largest teacher
+       logit. Every token above the largest logit of the other blocks is among them, so the
+       sorted candidates above that bound are exactly the top of the full sort.
+    2. rows whose boundary (first c_i > mu) is not in that exact prefix retry with a top-k of
+       growing k, up to k = V (a full sort).
     """
     n, v = rows.p.shape
     g_head = rows.p.new_zeros(n)
     size = rows.p.new_zeros(n)
-    todo = torch.arange(n, device=rows.p.device)
+    todo = _head_from_blocks(rows, mu, g_head, size)
     k = min(_TOPK, v)
     while todo.numel() > 0:
-        lp, lq = (rows.lp, rows.lq) if todo.numel() == n else (rows.lp[todo], rows.lq[todo])
-        top_lp, idx = lp.topk(k, dim=-1)  # (R, k), sorted descending
-        p_top, q_top = top_lp.exp(), lq.gather(-1, idx).exp()
-        cum = p_top.cumsum(-1)
-        head = cum <= mu
-        head[:, 0] = True
-        done = cum[:, -1] > mu if k < v else torch.ones_like(head[:, 0])
-        gap = torch.where(head, (p_top - q_top).abs(), 0.0).sum(-1)
-        g_head[todo[done]] = gap[done]
-        size[todo[done]] = head[done].sum(-1).to(size.dtype)
+        p, q = rows.p[todo], rows.q[todo]
+        p_top, idx = p.topk(k, dim=-1)  # (R, k), sorted descending
+        q_top = q.gather(-1, idx)
+        done = _head_of_sorted(p_top, q_top, mu, g_head, size, todo, None if k < v else True)
         todo = todo[~done]
         k = min(k * 16, v)
     return g_head, size
 
 
-def _akl_parts(rows: _Rows, mu: float, need_grad: bool, swap: bool):
-    fkl, rkl = rows.fkl(), rows.rkl()
+def _head_of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact) -> Tensor:
+    """Fill g_head/size for rows whose boundary lies in the exact prefix; return the done mask."""
+    cum = p_top.cumsum(-1)
+    head = cum <= mu
+    head[:, 0] = True
+    if exact is True:  # a full sort: every row is done
+        done = torch.ones_like(head[:, 0])
+    elif exact is None:  # a top-k: done when its last entry is already past the boundary
+        done = cum[:, -1] > mu
+    else:
+        done = (exact & (cum > mu)).any(-1)
+    gap = torch.where(head, (p_top - q_top).abs(), 0.0).sum(-1)
+    sel = rows_idx[done]
+    g_head[sel] = gap[done]
+    size[sel] = head[done].sum(-1).to(size.dtype)
+    return done
+
+
+def _head_from_blocks(rows: _Rows, mu: float, g_head: Tensor, size: Tensor) -> Tensor:
+    """Step 1 of head_gap; returns the indices of the rows still to do."""
+    n, v = rows.p.shape
+    all_rows = torch.arange(n, device=rows.p.device)
+    nb = -(-v // _BLOCK)
+    if nb <= _BLOCKS + 1:
+        return all_rows
+    z = rows.z_t
+    full = (v // _BLOCK) * _BLOCK
+    bmax = z[:, :full].unflatten(-1, (v // _BLOCK, _BLOCK)).amax(-1)  # (R, nb)
+    if full < v:
+        bmax = torch.cat([bmax, z[:, full:].amax(-1, keepdim=True)], dim=-1)
+    top_b, bidx = bmax.topk(_BLOCKS + 1, dim=-1)  # (R, blocks + 1)
+    bound = top_b[:, -1:]  # largest logit outside the candidate blocks
+    cols = (bidx[:, :-1, None] * _BLOCK + torch.arange(_BLOCK, device=z.device)).flatten(1)
+    inside = cols < v
+    cols = cols.clamp_(max=v - 1)
+    cand = z.gather(-1, cols).masked_fill_(~inside, -math.inf)
+    cand, order = cand.sort(-1, descending=True)
+    cols = cols.gather(-1, order)
+    p_c = rows.p.gather(-1, cols).masked_fill_(cand == -math.inf, 0.0)
+    q_c = rows.q.gather(-1, cols).masked_fill_(cand == -math.inf, 0.0)
+    done = _head_of_sorted(p_c, q_c, mu, g_head, size, all_rows, cand > bound)
+    return all_rows[~done]
+
+
+def _akl_parts(rows: _Rows, mu: float, out: Tensor | None, swap: bool):
+    qd = rows.q_times_d(out)
+    rkl = -qd.sum(-1)
+    fkl = rows.fkl()
+    qp = rows.q_minus_p()
+    gap = torch.linalg.vector_norm(qp, 1, dim=-1)  # sum |p - q| = g_head + g_tail
     g_head, size = head_gap(rows, mu)
-    g_tail = (rows.abs_gap() - g_head).clamp_min_(0.0)
-    total = g_head + g_tail
+    g_tail = (gap - g_head).clamp_min_(0.0)
     # p == q gives 0 / 0 in the authors' code; take 0.5 / 0.5 (the loss is 0 there anyway).
-    w_head = torch.where(total > 0, g_head / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
+    w_head = torch.where(gap > 0, g_head / gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.5)
     w_f = 1.0 - w_head if swap else w_head  # AKL-r swaps the weights
     w_r = 1.0 - w_f
-    loss = w_f * fkl + w_r * rkl
+    if out is not None:  # weights are constants
+        _finish_mixed_grad(rows, qd, rkl, w_f, w_r, qp)
     stats = {"fkl": fkl, "rkl": rkl, "g_head": g_head, "g_tail": g_tail, "w_head": w_head, "head_size": size}
-    grad = None
-    if need_grad:  # weights are constants: w_f (q - p) + w_r q (log q - log p - RKL)
-        grad = _rkl_grad(rows, rkl).mul_(w_r[:, None])
-        grad.add_((rows.q - rows.p).mul_(w_f[:, None]))
-    return loss, grad, stats
+    return w_f * fkl + w_r * rkl, stats
 
 
-def _fkl(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
+def _fkl(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
     fkl = rows.fkl()
-    return fkl, (rows.q - rows.p if need_grad else None), {"fkl": fkl}
+    if out is not None:
+        rows.q_minus_p(out)
+    return fkl, {"fkl": fkl}
 
 
-def _rkl(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
-    rkl = rows.rkl()
-    return rkl, (_rkl_grad(rows, rkl) if need_grad else None), {"rkl": rkl}
+def _rkl(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
+    qd = rows.q_times_d(out)
+    rkl = -qd.sum(-1)
+    if out is not None:  # q (log q - log p - RKL) = -(q d + q RKL)
+        qd.addcmul_(rows.q, rkl[:, None]).neg_()
+    return rkl, {"rkl": rkl}
 
 
-def _fkl_rkl(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
-    fkl, rkl = rows.fkl(), rows.rkl()
-    grad = None
-    if need_grad:
-        grad = _rkl_grad(rows, rkl).add_(rows.q - rows.p).mul_(0.5)
-    return 0.5 * (fkl + rkl), grad, {"fkl": fkl, "rkl": rkl}
+def _fkl_rkl(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
+    qd = rows.q_times_d(out)
+    rkl = -qd.sum(-1)
+    fkl = rows.fkl()
+    if out is not None:
+        _finish_mixed_grad(rows, qd, rkl, 0.5, 0.5, rows.q_minus_p())
+    return 0.5 * (fkl + rkl), {"fkl": fkl, "rkl": rkl}
 
 
-def _akl(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
-    return _akl_parts(rows, opts.mu, need_grad, swap=False)
+def _akl(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
+    return _akl_parts(rows, opts.mu, out, swap=False)
 
 
-def _akl_r(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
-    return _akl_parts(rows, opts.mu, need_grad, swap=True)
+def _akl_r(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
+    return _akl_parts(rows, opts.mu, out, swap=True)
 
 
 def _log_mix(lp: Tensor, lq: Tensor, a: float) -> Tensor:
@@ -241,49 +331,50 @@ def _kl_terms(x: Tensor, lx: Tensor, ly: Tensor) -> Tensor:
     return torch.where(x > 0, x * (lx - ly), 0.0)
 
 
-def _skl(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
+def _skl(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
     # SKL = KL(p || lam p + (1 - lam) q) (DistiLLM)
-    lm = _log_mix(rows.lp, rows.lq, opts.lam)
-    loss = _kl_terms(rows.p, rows.lp, lm).sum(-1)
-    grad = None
-    if need_grad:  # dL/dq = -(1 - lam) p / m
-        ratio = torch.where(rows.p > 0, (rows.lp - lm).exp(), 0.0)
-        grad = _softmax_grad(rows.q, ratio.mul_(-(1.0 - opts.lam)))
-    return loss, grad, {}
+    lp = rows.lp
+    lm = _log_mix(lp, rows.lq, opts.lam)
+    loss = _kl_terms(rows.p, lp, lm).sum(-1)
+    if out is not None:  # dL/dq = -(1 - lam) p / m
+        ratio = torch.where(rows.p > 0, (lp - lm).exp(), 0.0)
+        _softmax_grad(rows.q, ratio.mul_(-(1.0 - opts.lam)), out)
+    return loss, {}
 
 
-def _srkl(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
+def _srkl(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
     # SRKL = KL(q || (1 - lam) p + lam q) (DistiLLM)
-    lm = _log_mix(rows.lq, rows.lp, opts.lam)
-    loss = _kl_terms(rows.q, rows.lq, lm).sum(-1)
-    grad = None
-    if need_grad:  # dL/dq = log q - log m + 1 - lam q / m (the constant 1 cancels)
-        g = rows.lq - lm
+    lq = rows.lq
+    lm = _log_mix(lq, rows.lp, opts.lam)
+    loss = _kl_terms(rows.q, lq, lm).sum(-1)
+    if out is not None:  # dL/dq = log q - log m + 1 - lam q / m (the constant 1 cancels)
+        g = lq - lm
         if opts.lam > 0:
-            g = g - opts.lam * (rows.lq - lm).exp()
-        grad = _softmax_grad(rows.q, g)
-    return loss, grad, {}
+            g = g - opts.lam * (lq - lm).exp()
+        _softmax_grad(rows.q, g, out)
+    return loss, {}
 
 
-def _tvd(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
-    diff = rows.q - rows.p
-    loss = 0.5 * diff.abs().sum(-1)
-    grad = _softmax_grad(rows.q, 0.5 * diff.sign()) if need_grad else None
-    return loss, grad, {}
+def _tvd(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
+    diff = rows.q_minus_p()
+    loss = 0.5 * torch.linalg.vector_norm(diff, 1, dim=-1)
+    if out is not None:
+        _softmax_grad(rows.q, 0.5 * diff.sign(), out)
+    return loss, {}
 
 
-def _jsd(rows: _Rows, opts: DivergenceOptions, need_grad: bool):
+def _jsd(rows: _Rows, opts: DivergenceOptions, out: Tensor | None):
     # Generalized JSD (TRL's GKD): m = beta p + (1 - beta) q; beta KL(p||m) + (1 - beta) KL(q||m)
     b = opts.beta
-    lm = _log_mix(rows.lp, rows.lq, b)
-    loss = b * _kl_terms(rows.p, rows.lp, lm).sum(-1) + (1 - b) * _kl_terms(rows.q, rows.lq, lm).sum(-1)
-    grad = None
-    if need_grad:  # dL/dq = (1 - beta) (log q - log m) + const
-        grad = _softmax_grad(rows.q, (rows.lq - lm).mul_(1 - b))
-    return loss, grad, {}
+    lp, lq = rows.lp, rows.lq
+    lm = _log_mix(lp, lq, b)
+    loss = b * _kl_terms(rows.p, lp, lm).sum(-1) + (1 - b) * _kl_terms(rows.q, lq, lm).sum(-1)
+    if out is not None:  # dL/dq = (1 - beta) (log q - log m) + const
+        _softmax_grad(rows.q, (lq - lm).mul_(1 - b), out)
+    return loss, {}
 
 
-PerToken = Callable[[_Rows, DivergenceOptions, bool], tuple[Tensor, "Tensor | None", dict[str, Tensor]]]
+PerToken = Callable[[_Rows, DivergenceOptions, "Tensor | None"], tuple[Tensor, dict[str, Tensor]]]
 _PER_TOKEN: dict[str, PerToken] = {
     "fkl": _fkl,
     "rkl": _rkl,
@@ -309,36 +400,52 @@ def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device) -> int
     return max(1, elements // max(vocab, 1))
 
 
+def _tempered(x: Tensor, t: float, ws: Workspace, key: str) -> Tensor:
+    """x / t in fp32; x itself when it already is fp32 and t == 1."""
+    if t == 1.0:
+        return x if x.dtype == torch.float32 else ws.get(key, x.shape[0]).copy_(x)
+    return torch.div(x, t, out=ws.get(key, x.shape[0]))
+
+
 def divergence_chunk(
-    name: str, student: Tensor, teacher: Tensor, opts: DivergenceOptions, need_grad: bool
+    name: str,
+    student: Tensor,
+    teacher: Tensor,
+    opts: DivergenceOptions,
+    need_grad: bool,
+    ws: Workspace | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """Per-token loss (R,), grad wrt the student logits (R, V) fp32 or None, and stats sums.
 
     student, teacher: (R, V) logits of valid tokens in any float dtype (computed in fp32).
+    ws: buffers to reuse across chunks; out: where to write the gradient ((R, V) fp32); without
+    it the gradient lives in ``ws`` and is overwritten by the next chunk.
     """
+    r, v = student.shape
+    ws = ws or Workspace(r, v, student.device)
     t = opts.temperature
-    z_s, z_t = student.float(), teacher.float()
-    if t != 1.0:
-        z_s, z_t = z_s / t, z_t / t
+    z_s, z_t = _tempered(student, t, ws, "z_s"), _tempered(teacher, t, ws, "z_t")
     # -inf logits (masked vocabulary) need the guarded formulas; plain ones skip them.
-    safe = bool((z_s.amin() == -math.inf) | (z_t.amin() == -math.inf))
-    rows = _Rows(torch.log_softmax(z_t, -1), torch.log_softmax(z_s, -1), safe)
-    del z_s, z_t
-    loss, grad, stats = _PER_TOKEN[name](rows, opts, need_grad)
+    safe = bool((z_s.amin() == -math.inf) | (z_t.amin() == -math.inf)) if r > 0 else False
+    rows = _Rows(z_s, z_t, safe, ws)
+    if need_grad and out is None:
+        out = ws.get("grad", r)
+    loss, stats = _PER_TOKEN[name](rows, opts, out if need_grad else None)
     if opts.all_stats:
         stats = dict(stats)
-        for key in ("fkl", "rkl"):
-            if key not in stats:
-                stats[key] = getattr(rows, key)()
+        if "fkl" not in stats:
+            stats["fkl"] = rows.fkl()
+        if "rkl" not in stats:
+            stats["rkl"] = rows.rkl()
         if "g_head" not in stats:
+            gap = torch.linalg.vector_norm(rows.q_minus_p(), 1, dim=-1)
             g_head, size = head_gap(rows, opts.mu)
-            g_tail = (rows.abs_gap() - g_head).clamp_min_(0.0)
-            total = g_head + g_tail
-            stats["g_head"], stats["g_tail"], stats["head_size"] = g_head, g_tail, size
-            stats["w_head"] = torch.where(total > 0, g_head / total.clamp_min(1e-38), 0.5)
-    if grad is not None and t != 1.0:
-        grad.div_(t)
-    return loss, grad, {k: v.sum() for k, v in stats.items()}
+            stats["g_head"], stats["g_tail"], stats["head_size"] = g_head, (gap - g_head).clamp_min_(0.0), size
+            stats["w_head"] = torch.where(gap > 0, g_head / gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.5)
+    if need_grad and t != 1.0:
+        out.div_(t)
+    return loss, (out if need_grad else None), {k: v.sum() for k, v in stats.items()}
 
 
 def flatten(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -372,21 +479,32 @@ def _forward(
     name: str, s: Tensor, t: Tensor, labels: Tensor, opts: DivergenceOptions, need_grad: bool
 ) -> tuple[Tensor, Tensor | None, int, dict[str, Tensor]]:
     valid = labels != opts.ignore_index
+    all_valid = bool(valid.all())
     grad = None
     if need_grad:
-        grad = torch.empty_like(s) if bool(valid.all()) else torch.zeros_like(s)
+        grad = torch.empty_like(s) if all_valid else torch.zeros_like(s)
+    rows = chunk_rows(opts, s.shape[-1], s.device)
+    ws = Workspace(min(rows, s.shape[0]), s.shape[-1], s.device)
     loss_sum = s.new_zeros((), dtype=torch.float32)
     stats: dict[str, Tensor] = {}
-    for sel in chunk_selectors(valid, chunk_rows(opts, s.shape[-1], s.device)):
-        loss, g, st = divergence_chunk(name, s[sel], t[sel], opts, need_grad)
+    for sel in chunk_selectors(valid, rows):
+        if isinstance(sel, slice):
+            s_c, t_c = s[sel], t[sel]
+        else:  # gather the valid rows into reused buffers
+            r = sel.numel()
+            s_c = torch.index_select(s, 0, sel, out=ws.get("s_rows", r, s.dtype))
+            t_c = torch.index_select(t, 0, sel, out=ws.get("t_rows", r, t.dtype))
+        # write the gradient straight into the result when it is an fp32 slice of it
+        direct = grad is not None and isinstance(sel, slice) and grad.dtype == torch.float32
+        loss, g, st = divergence_chunk(name, s_c, t_c, opts, need_grad, ws, grad[sel] if direct else None)
         loss_sum += loss.sum()
         for k, v in st.items():
             stats[k] = stats[k] + v if k in stats else v
-        if grad is not None:
+        if grad is not None and not direct:
             if isinstance(sel, slice):
-                grad[sel] = g
+                grad[sel].copy_(g)
             else:
-                grad.index_copy_(0, sel, g.to(grad.dtype))
+                grad.index_copy_(0, sel, g if g.dtype == grad.dtype else g.to(grad.dtype))
     return loss_sum, grad, int(valid.sum()), stats
 
 

@@ -38,7 +38,8 @@ PRESET_MARKER = "akl_preset.json"  # written inside a prepared preset directory
 TINY_SEED = 1234
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 # Student config overrides that would break logit distillation or the model class.
-FORBIDDEN_OVERRIDES = ("vocab_size", "model_type", "architectures", "tie_word_embeddings")
+FORBIDDEN_OVERRIDES = ("vocab_size", "model_type", "architectures")
+_HUB_ID = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")
 _LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 
 
@@ -133,6 +134,8 @@ def _resolve_preset(ref: str, name: str, root: Path) -> Path:
 
 
 def _download_hub(ref: str, repo_id: str, root: Path, allow_hub: bool) -> Path:
+    if not _HUB_ID.match(repo_id) or ".." in repo_id:
+        raise ModelError("invalid_model", f"model '{ref}': a hub reference is hf:ORG/NAME")
     if not allow_hub:
         raise ModelError(
             "model_not_found",
@@ -163,26 +166,47 @@ def prepare_preset(name: str, models_root: Path | None = None, force: bool = Fal
     if (target / "config.json").is_file() and not force:
         return target
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root, name)
     # Same filesystem as the target, so the final rename is atomic: a crash leaves only a .tmp dir.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         builders[name](tmp)
         (tmp / PRESET_MARKER).write_text(json.dumps({"preset": name}) + "\n")
-        _replace_dir(tmp, target)
+        _apply_umask(tmp)
+        _install_dir(tmp, target, replace=force or not (target / "config.json").is_file())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
+def _remove_stale_temps(root: Path, name: str, max_age_s: float = 3600.0) -> None:
+    """Temp dirs of builds killed mid-way (SIGKILL skips the cleanup); an hour is far above a build."""
+    import time
+
+    for path in [*root.glob(f".tmp-{name}-*"), *root.glob(f".old-{name}-*")]:
+        if time.time() - path.stat().st_mtime > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _apply_umask(path: Path) -> None:
+    """mkdtemp makes 0700 directories: give the result the usual permissions (the worker may read
+    models as another user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _install_dir(new: Path, target: Path, replace: bool) -> None:
+    """Rename ``new`` to ``target``; an existing target is swapped out only when ``replace``."""
+    if replace and target.exists():
         old = target.with_name(f".old-{target.name}-{os.getpid()}")
         target.rename(old)
         shutil.rmtree(old, ignore_errors=True)
     try:
         new.rename(target)
     except OSError:
-        # Another process prepared it concurrently: keep theirs if complete.
+        # Another process prepared it meanwhile: keep theirs if it is complete.
         if not (target / "config.json").is_file():
             raise
 

@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     def should_stop() -> bool:
         return stop.is_set() or (stop_file is not None and os.path.exists(stop_file))
 
+    from transformers.utils import logging as hf_logging
+
     from akl_core.trainer import distill
 
+    hf_logging.disable_progress_bar()  # per-shard tqdm bars would flood the worker's log
     try:
         result = distill(spec, args.output_dir, on_event=emit, should_stop=should_stop, resume=args.resume)
     except DistillError:

@@ -54,7 +54,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 def celery_client(settings: Settings, name: str = "akl") -> Celery:
     """A Celery app configured for ``settings.broker_url`` (no tasks registered, no result backend)."""
-    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    url = settings.broker_url
+    if is_filesystem_broker(url) and url.rstrip("/") == "filesystem:":
+        url = "filesystem://localhost/"  # same transport; kombu warns about a missing host otherwise
+    app = Celery(name, broker=url, set_as_current=False)
     app.conf.update(
         broker_transport_options=broker_transport_options(settings),
         broker_connection_timeout=settings.enqueue_timeout_s,

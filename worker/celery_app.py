@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from api.core.config import get_settings
 from api.db.session import dispose_engines, get_engine, session_factory
@@ -35,7 +35,9 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_reject_on_worker_lost=True,
     broker_connection_retry_on_startup=True,
-    task_queues=(Queue(settings.gpu_queue), Queue(settings.cpu_queue)),
+    # One direct exchange per queue, as the API's publisher declares them (a bare Queue(name)
+    # would bind to the default exchange and a gpu job would also land on the cpu queue).
+    task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (settings.gpu_queue, settings.cpu_queue)),
     task_default_queue=settings.gpu_queue,
     worker_hijack_root_logger=False,
     # No result backend: status lives in the jobs table.

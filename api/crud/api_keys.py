@@ -30,7 +30,7 @@ def create_key(*, session: Session, tenant_name: str) -> tuple[ApiKey, NewKey]:
 
 def list_keys(*, session: Session) -> list[tuple[ApiKey, Tenant]]:
     rows = session.execute(select(ApiKey, Tenant).join(Tenant).order_by(ApiKey.id))
-    return [(key, tenant) for key, tenant in rows.tuples()]
+    return [(key, tenant) for key, tenant in rows]
 
 
 def revoke_key(*, session: Session, prefix: str) -> ApiKey | None:

@@ -66,7 +66,7 @@ def create_job(
     if idempotency_key is not None:
         existing = get_by_idempotency_key(session=session, tenant_id=tenant_id, key=idempotency_key)
         if existing is not None:
-            return _replay(existing, spec, metadata)
+            return replay(existing, spec, metadata)
     job_id = new_id("job")
     job = Job(
         id=job_id,
@@ -93,11 +93,12 @@ def create_job(
         existing = get_by_idempotency_key(session=session, tenant_id=tenant_id, key=idempotency_key)
         if existing is None:  # the constraint that failed was not the idempotency one
             raise
-        return _replay(existing, spec, metadata)
+        return replay(existing, spec, metadata)
     return job, True
 
 
-def _replay(existing: Job, spec: dict[str, Any], metadata: dict[str, str] | None) -> tuple[Job, bool]:
+def replay(existing: Job, spec: dict[str, Any], metadata: dict[str, str] | None) -> tuple[Job, bool]:
+    """(existing, False) when the request repeats the one that made ``existing``; else conflict."""
     if not _same_request(existing, spec, metadata):
         raise IdempotencyConflict(existing)
     return existing, False
@@ -132,6 +133,7 @@ def request_cancel(*, session: Session, job: Job) -> bool:
     and the worker stops it. Conditional updates make this safe against the worker claiming the
     job at the same moment. Returns False when the job had already finished."""
     now = utcnow()
+    already_requested = job.cancel_requested  # read first: the updates below refresh ``job``
     cancelled = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == QUEUED)
@@ -146,7 +148,10 @@ def request_cancel(*, session: Session, job: Job) -> bool:
         if flagged.rowcount != 1:
             session.rollback()
             return False
-        add_event(session=session, job_id=job.id, type="cancel_requested", message="cancellation requested")
+        if not already_requested:  # asked twice: one event is enough
+            add_event(
+                session=session, job_id=job.id, type="cancel_requested", message="cancellation requested"
+            )
     session.commit()
     session.refresh(job)
     return True

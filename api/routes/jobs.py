@@ -24,6 +24,12 @@ def get_job_or_404(session: SessionDep, tenant: CurrentTenant, job_id: str) -> J
     return job
 
 
+def _conflict(exc: jobs_crud.IdempotencyConflict) -> HTTPException:
+    return HTTPException(
+        409, f"Idempotency-Key already used for job {exc.job.id} with a different request body"
+    )
+
+
 @router.post(
     "", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Idempotency-Key reused"}}
 )
@@ -39,17 +45,27 @@ def create_job(
 ) -> JobPublic:
     """Submit a distillation job; the same Idempotency-Key never creates a second job."""
     spec = body.spec()
+    spec_json = spec.model_dump(mode="json")
     try:
+        if idempotency_key is not None:  # a replay answers with the job even if its files are gone since
+            existing = jobs_crud.get_by_idempotency_key(
+                session=session, tenant_id=tenant.id, key=idempotency_key
+            )
+            if existing is not None:
+                response.headers["Idempotent-Replayed"] = "true"
+                return JobPublic.from_row(jobs_crud.replay(existing, spec_json, body.metadata)[0])
         resolved = resolve_spec(spec, session=session, tenant_id=tenant.id, settings=settings)
     except RefError as exc:
         raise HTTPException(exc.status_code, f"{exc.field}: {exc.message}") from None
+    except jobs_crud.IdempotencyConflict as exc:
+        raise _conflict(exc) from None
     queue = queue_for(spec.resources.device, settings)
     assert settings.artifacts_root is not None
     try:
         job, created = jobs_crud.create_job(
             session=session,
             tenant_id=tenant.id,
-            spec=spec.model_dump(mode="json"),
+            spec=spec_json,
             resolved_spec=resolved,
             metadata=body.metadata,
             queue=queue,
@@ -57,9 +73,7 @@ def create_job(
             idempotency_key=idempotency_key,
         )
     except jobs_crud.IdempotencyConflict as exc:
-        raise HTTPException(
-            409, f"Idempotency-Key already used for job {exc.job.id} with a different request body"
-        ) from None
+        raise _conflict(exc) from None
     if created:
         # After the response; if the broker is down the reconciler publishes it later.
         background.add_task(enqueue_job, celery, job_id=job.id, queue=queue)

@@ -274,3 +274,13 @@ def test_collate_right_pads(tiny_tokenizer) -> None:
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert str(out["input_ids"].dtype) == "torch.int64"
+
+
+def test_chat_template_errors_name_the_line(tiny_tokenizer) -> None:
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    ex = Example(messages=[{"role": "assistant", "content": "Hello."}], line=7)
+    with pytest.raises(DataError, match="line 7: cannot apply the chat template: Conversation roles"):
+        data.tokenize_example(ex, tok, max_length=64, max_prompt_length=32)

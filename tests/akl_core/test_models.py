@@ -356,3 +356,51 @@ def test_smollm2_perplexity_and_truncated_student(smollm2_path: Path) -> None:
     assert torch.equal(
         student.model.layers[5].mlp.down_proj.weight, model.model.layers[29].mlp.down_proj.weight
     )
+
+
+def test_prepare_keeps_a_concurrent_complete_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def racing_build(out: Path) -> None:  # another process finishes first, while we build
+        (tmp_path / "tiny").mkdir()
+        (tmp_path / "tiny" / "config.json").write_text('{"theirs": true}')
+        (out / "config.json").write_text('{"ours": true}')
+
+    monkeypatch.setitem(models.__dict__, "_build_tiny", racing_build)
+    path = models.prepare_preset("tiny", tmp_path)
+    assert json.loads((path / "config.json").read_text()) == {"theirs": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_prepared_preset_is_readable_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(models.__dict__, "_build_tiny", _fake_model)
+    old = os.umask(0o022)
+    try:
+        path = models.prepare_preset("tiny", tmp_path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert (path / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_prepare_removes_stale_temp_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(models.__dict__, "_build_tiny", _fake_model)
+    stale, fresh = tmp_path / ".tmp-tiny-dead", tmp_path / ".tmp-tiny-building"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (0, 0))
+    models.prepare_preset("tiny", tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("ref", ["hf:justname", "hf:org/../x", "hf:org/na me"])
+def test_hub_ref_shape_checked_before_download(tmp_path: Path, ref: str) -> None:
+    with pytest.raises(ModelError, match="hf:ORG/NAME") as err:
+        resolve_model_ref(ref, tmp_path, allow_hub=True)
+    assert err.value.code == "invalid_model"
+
+
+def test_models_module_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, akl_core.models; assert 'torch' not in sys.modules, 'torch imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True)

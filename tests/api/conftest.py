@@ -147,7 +147,9 @@ def headers(make_headers: Callable[[str], dict[str, str]]) -> dict[str, str]:
     return make_headers("acme")
 
 
-def upload(client: TestClient, headers: dict[str, str], content: bytes = GOOD_JSONL, purpose: str = "train") -> Any:
+def upload(
+    client: TestClient, headers: dict[str, str], content: bytes = GOOD_JSONL, purpose: str = "train"
+) -> Any:
     return client.post(
         "/v1/files", headers=headers, files={"file": ("data.jsonl", content)}, data={"purpose": purpose}
     )

@@ -49,12 +49,17 @@ def _unpack(content: bytes, mode: str) -> dict[str, bytes]:
 
 def test_list_checkpoints_final_last(client: TestClient, headers: dict[str, str], job: Job) -> None:
     data = client.get(f"/v1/jobs/{job.id}/checkpoints", headers=headers).json()["data"]
-    assert [(c["id"], c["step"], c["is_final"]) for c in data] == [("ckpt-10", 10, False), ("ckpt-final", 20, True)]
+    assert [(c["id"], c["step"], c["is_final"]) for c in data] == [
+        ("ckpt-10", 10, False),
+        ("ckpt-final", 20, True),
+    ]
     assert data[0]["download_url"] == f"/v1/jobs/{job.id}/checkpoints/ckpt-10/content"
     assert client.get(f"/v1/jobs/{job.id}", headers=headers).json()["model_url"] == f"/v1/jobs/{job.id}/model"
 
 
-def test_model_download_unpacks_to_the_same_bytes(client: TestClient, headers: dict[str, str], job: Job) -> None:
+def test_model_download_unpacks_to_the_same_bytes(
+    client: TestClient, headers: dict[str, str], job: Job
+) -> None:
     response = client.get(f"/v1/jobs/{job.id}/model", headers=headers)
     assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
     assert f'filename="{job.id}-final.tar.gz"' in response.headers["content-disposition"]
@@ -69,7 +74,10 @@ def test_checkpoint_download(client: TestClient, headers: dict[str, str], job: J
     response = client.get(f"/v1/jobs/{job.id}/checkpoints/ckpt-10/content", headers=headers)
     assert response.status_code == 200
     prefix = f"{job.id}-step-00000010"
-    assert _unpack(response.content, "r:gz") == {f"{prefix}/config.json": b"{}", f"{prefix}/trainer_state.pt": b"state"}
+    assert _unpack(response.content, "r:gz") == {
+        f"{prefix}/config.json": b"{}",
+        f"{prefix}/trainer_state.pt": b"state",
+    }
     missing = client.get(f"/v1/jobs/{job.id}/checkpoints/ckpt-nope/content", headers=headers)
     assert missing.status_code == 404
 
@@ -102,10 +110,39 @@ def test_checkpoint_dir_that_is_a_link_or_gone_is_404(
     assert linked.status_code == 404
     db.add(JobCheckpoint(id="ckpt-escape", job_id=job.id, step=1, path="../../.."))
     db.commit()
-    assert client.get(f"/v1/jobs/{job.id}/checkpoints/ckpt-escape/content", headers=headers).status_code == 404
+    assert (
+        client.get(f"/v1/jobs/{job.id}/checkpoints/ckpt-escape/content", headers=headers).status_code == 404
+    )
 
 
 def test_model_download_before_the_job_finished_is_404(client: TestClient, headers: dict[str, str]) -> None:
     job_id = client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"]
     response = client.get(f"/v1/jobs/{job_id}/model", headers=headers)
     assert response.status_code == 404 and "queued" in response.json()["detail"]
+
+
+@pytest.mark.slow  # imports torch and transformers (several seconds)
+def test_downloaded_model_loads_with_from_pretrained(
+    client: TestClient, headers: dict[str, str], db: Session, tmp_path: Path, database_url: str
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the archive does not depend on the database; once is enough")
+    transformers = pytest.importorskip("transformers")
+    job_id = client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"]
+    row = db.get(Job, job_id)
+    assert row is not None and row.output_dir
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(Path(row.output_dir) / "final", safe_serialization=True)
+    row.status = SUCCEEDED
+    db.add(JobCheckpoint(job_id=job_id, step=1, path="final", is_final=True))
+    db.commit()
+    response = client.get(f"/v1/jobs/{job_id}/model", headers=headers)
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked" / f"{job_id}-final")
+    for name, tensor in model.state_dict().items():
+        assert (loaded.state_dict()[name] == tensor).all(), name

@@ -34,7 +34,10 @@ def test_upload_stores_the_bytes_and_counts_examples(
 
 def test_filename_is_reduced_to_its_base_name(client: TestClient, headers: dict[str, str]) -> None:
     response = client.post(
-        "/v1/files", headers=headers, files={"file": ("../../x\\evil.jsonl", GOOD_JSONL)}, data={"purpose": "train"}
+        "/v1/files",
+        headers=headers,
+        files={"file": ("../../x\\evil.jsonl", GOOD_JSONL)},
+        data={"purpose": "train"},
     )
     assert response.status_code == 201 and response.json()["filename"] == "evil.jsonl"
 
@@ -73,7 +76,9 @@ def test_oversize_upload_is_413_and_nothing_is_stored(
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while streaming
         yield b"x" * (settings.max_upload_bytes + 1024 * 1024)
 
-    streamed = client.post("/v1/files", headers={**headers, "Content-Type": "multipart/form-data; boundary=b"}, content=chunks())
+    streamed = client.post(
+        "/v1/files", headers={**headers, "Content-Type": "multipart/form-data; boundary=b"}, content=chunks()
+    )
     assert streamed.status_code == 413
     assert db.scalar(select(func.count()).select_from(File)) == 0 and _stored(settings) == []
 

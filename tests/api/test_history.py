@@ -20,7 +20,16 @@ def job_id(client: TestClient, headers: dict[str, str]) -> str:
 
 def _add_metrics(db: Session, job_id: str, steps: range) -> None:
     for step in steps:
-        db.add(JobMetric(job_id=job_id, step=step, loss=10.0 / step, lr=1e-4, g_head=0.1 * step, trained_tokens=7 * step))
+        db.add(
+            JobMetric(
+                job_id=job_id,
+                step=step,
+                loss=10.0 / step,
+                lr=1e-4,
+                g_head=0.1 * step,
+                trained_tokens=7 * step,
+            )
+        )
     db.commit()
 
 
@@ -29,11 +38,13 @@ def test_downsample_keeps_first_and_last_at_an_even_stride(count: int, max_point
     picked = downsample(count, max_points)
     assert len(picked) == min(count, max_points)
     assert picked[-1] == count - 1 and (max_points == 1 or picked[0] == 0)
-    gaps = {b - a for a, b in zip(picked, picked[1:])}
+    gaps = {b - a for a, b in zip(picked[:-1], picked[1:], strict=True)}
     assert not gaps or max(gaps) - min(gaps) <= 1  # even stride (up to rounding)
 
 
-def test_events_paginate_oldest_first(client: TestClient, headers: dict[str, str], job_id: str, db: Session) -> None:
+def test_events_paginate_oldest_first(
+    client: TestClient, headers: dict[str, str], job_id: str, db: Session
+) -> None:
     for i in range(4):
         add_event(session=db, job_id=job_id, type="log", message=f"line {i}", data={"i": i})
     db.commit()
@@ -50,9 +61,15 @@ def test_metrics_json_with_step_range_and_downsampling(
     _add_metrics(db, job_id, range(1, 101))
     full = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()
     assert full["total_points"] == 100 and [p["step"] for p in full["data"]] == list(range(1, 101))
-    assert full["data"][1]["loss"] == 5.0 and full["data"][1]["trained_tokens"] == 14 and full["data"][1]["fkl"] is None
+    assert (
+        full["data"][1]["loss"] == 5.0
+        and full["data"][1]["trained_tokens"] == 14
+        and full["data"][1]["fkl"] is None
+    )
     assert {"loss", "lr", "tokens_per_s", "g_head", "g_tail", "w_head", "fkl", "rkl"} <= set(full["fields"])
-    part = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers, params={"from_step": 11, "to_step": 20}).json()
+    part = client.get(
+        f"/v1/jobs/{job_id}/metrics", headers=headers, params={"from_step": 11, "to_step": 20}
+    ).json()
     assert [p["step"] for p in part["data"]] == list(range(11, 21))
     few = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers, params={"max_points": 4}).json()
     assert [p["step"] for p in few["data"]] == [1, 34, 67, 100] and few["total_points"] == 100
@@ -60,7 +77,9 @@ def test_metrics_json_with_step_range_and_downsampling(
     assert bad.status_code == 422
 
 
-def test_metrics_csv_by_format_or_accept(client: TestClient, headers: dict[str, str], job_id: str, db: Session) -> None:
+def test_metrics_csv_by_format_or_accept(
+    client: TestClient, headers: dict[str, str], job_id: str, db: Session
+) -> None:
     _add_metrics(db, job_id, range(1, 4))
     by_format = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers, params={"format": "csv"})
     by_accept = client.get(f"/v1/jobs/{job_id}/metrics", headers={**headers, "Accept": "text/csv"})

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -17,13 +19,17 @@ def test_create_job_stores_it_queued_and_publishes_by_task_name(
     client: TestClient, headers: dict[str, str], settings: Settings, db: Session
 ) -> None:
     file_id = upload(client, headers).json()["id"]
-    response = client.post("/v1/jobs", headers=headers, json=job_body(data={"train": file_id}, metadata={"run": "a"}))
+    response = client.post(
+        "/v1/jobs", headers=headers, json=job_body(data={"train": file_id}, metadata={"run": "a"})
+    )
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["object"] == "distillation.job" and job["id"].startswith("job-")
     assert job["status"] == "queued" and job["queue"] == "cpu" and job["metadata"] == {"run": "a"}
     assert job["training_file"] == file_id and job["error"] is None and job["started_at"] is None
-    assert job["spec"]["training"]["max_steps"] == 2 and job["spec"]["loss"]["name"] == "akl"  # defaults filled
+    assert (
+        job["spec"]["training"]["max_steps"] == 2 and job["spec"]["loss"]["name"] == "akl"
+    )  # defaults filled
     row = db.get(Job, job["id"])
     assert row is not None and row.status == "queued" and row.enqueued_at is not None
     assert row.resolved_spec["data"]["train"].endswith(f"{file_id}.jsonl")  # file id -> stored path
@@ -40,7 +46,9 @@ def test_device_picks_the_queue(client: TestClient, headers: dict[str, str], set
     assert [m["queue"] for m in broker_messages(settings)] == ["gpu", "gpu"]
 
 
-def test_broker_down_still_creates_the_queued_job(settings: Settings, headers: dict[str, str], db: Session) -> None:
+def test_broker_down_still_creates_the_queued_job(
+    settings: Settings, headers: dict[str, str], db: Session
+) -> None:
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0", "enqueue_timeout_s": 0.5})
     with TestClient(create_app(down)) as client:
         response = client.post("/v1/jobs", headers=headers, json=job_body())
@@ -62,12 +70,17 @@ def test_validation_errors_are_422_naming_the_field(client: TestClient, headers:
         response = client.post("/v1/jobs", headers=headers, json=body)
         assert response.status_code == 422, (body, response.text)
         assert any(error["loc"] == loc for error in response.json()["detail"]), response.json()
-    bad_json = client.post("/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=b"{nope")
+    bad_json = client.post(
+        "/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=b"{nope"
+    )
     assert bad_json.status_code == 422
 
 
 def test_unknown_files_and_models_are_refused_with_a_message(
-    client: TestClient, headers: dict[str, str], make_headers: Callable[[str], dict[str, str]], settings: Settings
+    client: TestClient,
+    headers: dict[str, str],
+    make_headers: Callable[[str], dict[str, str]],
+    settings: Settings,
 ) -> None:
     other = upload(client, make_headers("other")).json()["id"]
     validation_file = upload(client, headers, purpose="validation").json()["id"]
@@ -86,7 +99,9 @@ def test_unknown_files_and_models_are_refused_with_a_message(
         response = client.post("/v1/jobs", headers=headers, json=body)
         assert response.status_code == code, (body, response.text)
         assert words in response.json()["detail"]
-    ok = client.post("/v1/jobs", headers=headers, json=job_body(student={"init": "pretrained", "model": "my-student"}))
+    ok = client.post(
+        "/v1/jobs", headers=headers, json=job_body(student={"init": "pretrained", "model": "my-student"})
+    )
     assert ok.status_code == 201, ok.text
     assert len(broker_messages(settings)) == 1  # refused jobs were never published
 
@@ -97,7 +112,9 @@ def test_hub_refs_allowed_when_the_operator_says_so(settings: Settings, headers:
     assert response.status_code == 201, response.text
 
 
-def test_list_jobs_paginates_newest_first_and_filters(client: TestClient, headers: dict[str, str], db: Session) -> None:
+def test_list_jobs_paginates_newest_first_and_filters(
+    client: TestClient, headers: dict[str, str], db: Session
+) -> None:
     ids = [client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"] for _ in range(5)]
     seen, after = [], None
     while True:
@@ -118,7 +135,9 @@ def test_list_jobs_paginates_newest_first_and_filters(client: TestClient, header
     assert client.get("/v1/jobs", headers=headers, params={"after": "job-nope"}).status_code == 400
 
 
-def test_get_job_reports_progress_metrics_and_error(client: TestClient, headers: dict[str, str], db: Session) -> None:
+def test_get_job_reports_progress_metrics_and_error(
+    client: TestClient, headers: dict[str, str], db: Session
+) -> None:
     job_id = client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"]
     db.execute(
         update(Job)
@@ -135,7 +154,9 @@ def test_get_job_reports_progress_metrics_and_error(client: TestClient, headers:
 
 
 def test_cancel_queued_running_and_finished(client: TestClient, headers: dict[str, str], db: Session) -> None:
-    queued, running, done = (client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"] for _ in range(3))
+    queued, running, done = (
+        client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"] for _ in range(3)
+    )
     db.execute(update(Job).where(Job.id == running).values(status=RUNNING))
     db.execute(update(Job).where(Job.id == done).values(status=SUCCEEDED))
     db.commit()
@@ -145,6 +166,9 @@ def test_cancel_queued_running_and_finished(client: TestClient, headers: dict[st
     response = client.post(f"/v1/jobs/{running}/cancel", headers=headers)
     assert response.status_code == 200
     assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
+    assert client.post(f"/v1/jobs/{running}/cancel", headers=headers).status_code == 200  # asked twice
+    events = client.get(f"/v1/jobs/{running}/events", headers=headers).json()["data"]
+    assert [event["type"] for event in events] == ["created", "cancel_requested"]
     response = client.post(f"/v1/jobs/{done}/cancel", headers=headers)
     assert response.status_code == 409 and "succeeded" in response.json()["detail"]
     again = client.post(f"/v1/jobs/{queued}/cancel", headers=headers)
@@ -154,7 +178,10 @@ def test_cancel_queued_running_and_finished(client: TestClient, headers: dict[st
 
 
 def test_idempotency_key_replays_and_conflicts(
-    client: TestClient, headers: dict[str, str], make_headers: Callable[[str], dict[str, str]], settings: Settings
+    client: TestClient,
+    headers: dict[str, str],
+    make_headers: Callable[[str], dict[str, str]],
+    settings: Settings,
 ) -> None:
     key = {"Idempotency-Key": "submit-1"}
     first = client.post("/v1/jobs", headers={**headers, **key}, json=job_body())
@@ -163,8 +190,15 @@ def test_idempotency_key_replays_and_conflicts(
     assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
     conflict = client.post("/v1/jobs", headers={**headers, **key}, json=job_body(training={"max_steps": 3}))
     assert conflict.status_code == 409 and first.json()["id"] in conflict.json()["detail"]
+    too_long = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "k" * 256}, json=job_body())
+    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == [
+        "header",
+        "idempotency-key",
+    ]
     other_tenant = client.post("/v1/jobs", headers={**make_headers("other"), **key}, json=job_body())
-    assert other_tenant.status_code == 201 and other_tenant.json()["id"] != first.json()["id"]  # keys are per tenant
+    assert (
+        other_tenant.status_code == 201 and other_tenant.json()["id"] != first.json()["id"]
+    )  # keys are per tenant
     assert len(broker_messages(settings)) == 2  # a replay publishes nothing
 
 
@@ -175,7 +209,9 @@ def test_idempotency_under_concurrency(settings: Settings, headers: dict[str, st
     def submit() -> None:
         with TestClient(app) as client:
             barrier.wait()
-            response = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "race"}, json=job_body())
+            response = client.post(
+                "/v1/jobs", headers={**headers, "Idempotency-Key": "race"}, json=job_body()
+            )
             results.append((response.status_code, response.json().get("id")))
 
     workers = [threading.Thread(target=submit) for _ in range(threads)]
@@ -187,3 +223,35 @@ def test_idempotency_under_concurrency(settings: Settings, headers: dict[str, st
     assert len({job_id for _, job_id in results}) == 1
     assert db.scalar(select(func.count()).select_from(Job)) == 1
     assert len(broker_messages(settings)) == 1
+
+
+def test_the_api_never_imports_torch() -> None:
+    code = (
+        "import sys, tempfile\n"
+        "from api.core.config import Settings\n"
+        "from api.main import create_app\n"
+        "from fastapi.testclient import TestClient\n"
+        "client = TestClient(create_app(Settings(_env_file=None, data_root=tempfile.mkdtemp())))\n"
+        "assert client.get('/healthz').status_code == 200\n"
+        "assert client.get('/docs').status_code == 200\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_replay_answers_even_after_the_file_is_gone(client: TestClient, headers: dict[str, str]) -> None:
+    file_id = upload(client, headers).json()["id"]
+    key = {**headers, "Idempotency-Key": "with-file"}
+    first = client.post("/v1/jobs", headers=key, json=job_body(data={"train": file_id})).json()
+    assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=headers).status_code == 200
+    assert client.delete(f"/v1/files/{file_id}", headers=headers).status_code == 200
+    again = client.post("/v1/jobs", headers=key, json=job_body(data={"train": file_id}))
+    assert (
+        again.status_code == 201
+        and again.json()["id"] == first["id"]
+        and again.json()["status"] == "cancelled"
+    )
+    fresh = client.post("/v1/jobs", headers=headers, json=job_body(data={"train": file_id}))
+    assert fresh.status_code == 404  # without the key it is a new job, and the file is gone

@@ -1,0 +1,79 @@
+"""`python -m akl_core.runner`: JSON lines on stdout, exit codes 0 / 1 / 3, SIGTERM -> checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from akl_core.spec import load_spec
+
+
+def write_spec(path: Path, **training) -> Path:
+    spec = load_spec({
+        "teacher": "preset:tiny",
+        "student": {"init": "truncate", "num_layers": 1},
+        "data": {"train": "demo:train", "max_train_examples": 16},
+        "training": {"max_steps": 3, "batch_size": 2, "max_length": 64, "max_prompt_length": 32, **training},
+        "evaluation": {"num_examples": 0},
+    })
+    path.write_text(spec.model_dump_json())
+    return path
+
+
+def runner(models_root: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "akl_core.runner", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def test_completed_run_prints_json_lines(models_root, tmp_path):
+    proc = runner(models_root, str(write_spec(tmp_path / "spec.json")), str(tmp_path / "out"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]  # every stdout line is an event
+    assert [e["type"] for e in events] == ["started", "step", "step", "step", "completed"]
+    assert events == [json.loads(line) for line in (tmp_path / "out/events.jsonl").read_text().splitlines()]
+    assert (tmp_path / "out/final/model.safetensors").is_file()
+
+
+def test_invalid_spec_exits_1_with_error_event(models_root, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"teacher": "preset:tiny", "data": {"train": "demo:train"},
+                               "training": {"learning_rate": -1}}))
+    proc = runner(models_root, str(bad), str(tmp_path / "out"))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    (event,) = [json.loads(line) for line in out.splitlines()]
+    assert event["type"] == "error" and event["code"] == "invalid_spec" and "learning_rate" in event["message"]
+
+
+def test_sigterm_checkpoints_and_exits_3(models_root, tmp_path):
+    spec = write_spec(tmp_path / "spec.json", max_steps=10_000)
+    proc = runner(models_root, str(spec), str(tmp_path / "out"))
+    events = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["type"] == "step":
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline
+    rest, _ = proc.communicate(timeout=60)
+    events += [json.loads(line) for line in rest.splitlines()]
+    assert proc.returncode == 3
+    stopped = events[-1]
+    assert stopped["type"] == "stopped" and stopped["step"] >= 1
+    assert stopped["checkpoint"] == f"checkpoints/step-{stopped['step']:08d}"
+    assert (tmp_path / "out" / stopped["checkpoint"] / "state.json").is_file()
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, stopped["step"] + 1))
+
+
+def test_module_help():
+    out = subprocess.run([sys.executable, "-m", "akl_core.runner", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--no-resume" in out.stdout
