@@ -27,7 +27,9 @@ class ClientError(Exception):
 def client(url: str, api_key: str, timeout: float = 60.0) -> httpx.Client:
     if not api_key:
         raise typer.BadParameter("set AKL_API_KEY (create one with `akl keys create --tenant NAME`)")
-    return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+    return httpx.Client(
+        base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
+    )
 
 
 def check(response: httpx.Response) -> Any:
@@ -103,7 +105,13 @@ def watch(http: httpx.Client, job_id: str, interval: float = 2.0) -> dict[str, A
         task = progress.add_task(job_id, total=None, metrics="")
         while True:
             job = check(http.get(f"/v1/jobs/{job_id}"))
-            metrics = _metrics_line({"metrics": {k: (job.get("metrics") or {}).get(k) for k in ("loss", "g_head", "g_tail", "w_head")}})
+            metrics = _metrics_line(
+                {
+                    "metrics": {
+                        k: (job.get("metrics") or {}).get(k) for k in ("loss", "g_head", "g_tail", "w_head")
+                    }
+                }
+            )
             progress.update(
                 task, description=f"{job_id} {job['status']}", completed=job.get("current_step") or 0,
                 total=job.get("total_steps"), metrics=metrics,
@@ -198,7 +206,9 @@ def status(
 
 def download(
     job_id: Annotated[str, typer.Argument(help="job id")],
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="a checkpoint id; default: final model")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option("--checkpoint", help="a checkpoint id; default: final model")
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="folder to unpack into")] = Path("."),
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = "",

@@ -118,7 +118,9 @@ def serve(
         while not stopping["signal"]:
             exited = [p for p in procs if p.poll() is not None]
             if exited:
-                typer.echo(f"error: a service process exited (code {exited[0].returncode}); stopping", err=True)
+                typer.echo(
+                    f"error: a service process exited (code {exited[0].returncode}); stopping", err=True
+                )
                 raise typer.Exit(1)
             time.sleep(0.5)
     finally:

@@ -33,8 +33,14 @@ class _ProgressView:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console
-        self.progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.description}"), console=console)
+        self.progress = Progress(
+            TextColumn("[bold]distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+        )
         self.task = None
 
     def __enter__(self):
@@ -47,19 +53,27 @@ class _ProgressView:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "started":
-            self.task = self.progress.add_task("", total=event["total_steps"], completed=event["resumed_from_step"])
-            self.console.print(f"training on {event['device']}: {event['num_train_examples']} examples, "
-                               f"{event['total_steps']} steps (resumed from {event['resumed_from_step']})")
+            self.task = self.progress.add_task(
+                "", total=event["total_steps"], completed=event["resumed_from_step"]
+            )
+            self.console.print(
+                f"training on {event['device']}: {event['num_train_examples']} examples, "
+                f"{event['total_steps']} steps (resumed from {event['resumed_from_step']})"
+            )
         elif kind == "step" and self.task is not None:
-            desc = (f"loss {event['loss']:.4f} ce {event['ce']:.4f} kd {event['kd']:.4f} "
-                    f"w_head {event['w_head']:.2f} {event['tokens_per_s']:.0f} tok/s")
+            desc = (
+                f"loss {event['loss']:.4f} ce {event['ce']:.4f} kd {event['kd']:.4f} "
+                f"w_head {event['w_head']:.2f} {event['tokens_per_s']:.0f} tok/s"
+            )
             self.progress.update(self.task, completed=event["step"], description=desc)
         elif kind == "eval":
             teacher = event.get("teacher_rouge_l")
             ref = f" (teacher {teacher:.2f})" if isinstance(teacher, float) else ""
-            self.console.print(f"eval @ step {event['step']}: rouge_l {event['rouge_l']:.2f} "
-                               f"± {event['rouge_l_std']:.2f}{ref}, distinct-2 {event['distinct_2']:.3f}, "
-                               f"val_ce {event['val_ce']:.4f}, val_kl {event['val_kl']:.4f}")
+            self.console.print(
+                f"eval @ step {event['step']}: rouge_l {event['rouge_l']:.2f} "
+                f"± {event['rouge_l_std']:.2f}{ref}, distinct-2 {event['distinct_2']:.3f}, "
+                f"val_ce {event['val_ce']:.4f}, val_kl {event['val_kl']:.4f}"
+            )
         elif kind in ("checkpoint", "log", "stopped", "completed", "error"):
             body = {k: v for k, v in event.items() if k != "type"}
             style = "red" if kind == "error" else "cyan"
@@ -114,7 +128,14 @@ def distill_command(
 
 def _distill_subprocess(spec: Path, output: Path, resume: bool, console) -> int:
     """Several processes: the runner launches torchrun; its JSON lines drive the progress bar."""
-    cmd = [sys.executable, "-m", "akl_core.runner", str(spec), str(output), "--resume" if resume else "--no-resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "akl_core.runner",
+        str(spec),
+        str(output),
+        "--resume" if resume else "--no-resume",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     try:
@@ -132,7 +153,9 @@ def _distill_subprocess(spec: Path, output: Path, resume: bool, console) -> int:
 def eval_command(
     model_dir: Annotated[Path, typer.Argument(help="a model directory (e.g. OUTPUT/final)", exists=True)],
     data: Annotated[str, typer.Option(help="JSONL path or demo:SPLIT")] = "demo:test",
-    data_format: Annotated[str, typer.Option("--format", help="auto, dolly, prompt_response, messages")] = "auto",
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, dolly, prompt_response, messages")
+    ] = "auto",
     teacher: Annotated[str | None, typer.Option(help="teacher reference, for val_kl and its Rouge-L")] = None,
     num_examples: Annotated[int, typer.Option(help="examples to generate for")] = 32,
     seeds: Annotated[str, typer.Option(help="comma-separated sampling seeds")] = "10,20,30,40,50",
@@ -151,10 +174,16 @@ def eval_command(
     from akl_core import evaluation, models
     from akl_core.spec import EvaluationSpec
 
-    spec = EvaluationSpec(num_examples=num_examples, seeds=[int(s) for s in seeds.split(",") if s.strip()],
-                          max_new_tokens=max_new_tokens, batch_size=batch_size)
+    spec = EvaluationSpec(
+        num_examples=num_examples,
+        seeds=[int(s) for s in seeds.split(",") if s.strip()],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     tokenizer = models.load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(
+        device
+    )
     examples = data_mod.read_examples(data, data_format, None)
     teacher_model, vocab = None, None
     if teacher is not None:
@@ -162,9 +191,18 @@ def eval_command(
         models.check_tokenizers(models.load_tokenizer(t_path), tokenizer)
         teacher_model = models.load_teacher(t_path, device=device)
         vocab = models.common_vocab_size(teacher_model, model, tokenizer)
-    metrics = evaluation.evaluate_model(model, tokenizer, examples, spec, teacher=teacher_model, vocab_size=vocab,
-                                        max_length=max_length, max_prompt_length=max_prompt_length, device=device,
-                                        cache_dir=None)
+    metrics = evaluation.evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        spec,
+        teacher=teacher_model,
+        vocab_size=vocab,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        device=device,
+        cache_dir=None,
+    )
     text = json.dumps(metrics, indent=2)
     if output_json is not None:
         output_json.write_text(text)

@@ -88,8 +88,13 @@ def generate(
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = temperature > 0
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad_id,
-                                  eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
     if sampling:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)  # top_k 0: no top-k cut
     else:
@@ -119,9 +124,18 @@ def rouge_over_seeds(
     """Rouge-L mean/std over ``spec.seeds`` and distinct-1/2 over every generated response."""
     scores, words = [], []
     for seed in spec.seeds:
-        texts = generate(model, tokenizer, prompts, seed=seed, max_new_tokens=spec.max_new_tokens,
-                         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                         batch_size=spec.batch_size, device=device)
+        texts = generate(
+            model,
+            tokenizer,
+            prompts,
+            seed=seed,
+            max_new_tokens=spec.max_new_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            batch_size=spec.batch_size,
+            device=device,
+        )
         scores.append(corpus_rouge_l(texts, references))
         words.extend(t.lower().split() for t in texts)
     return {
@@ -153,7 +167,9 @@ def validation_losses(
 
     ce = kl = tokens = 0.0
     for i in range(0, len(tokenized), batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(list(tokenized[i : i + batch_size]), pad_id).items()}
+        batch = {
+            k: v.to(device) for k, v in data.collate(list(tokenized[i : i + batch_size]), pad_id).items()
+        }
         targets = batch["labels"][:, 1:]
         keep = targets != -100
         if not bool(keep.any()):
@@ -162,11 +178,17 @@ def validation_losses(
         ce += float(F.cross_entropy(s.float(), targets[keep], reduction="sum"))
         tokens += int(keep.sum())
         if teacher is not None:
-            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][
+                keep
+            ]
             v = vocab_size or min(s.shape[-1], t.shape[-1])
             kl += float(divergences.compute("fkl", s[:, :v], t[:, :v], targets[keep]).loss_sum)
     n = max(tokens, 1.0)
-    return {"val_ce": ce / n, "val_kl": kl / n if teacher is not None else float("nan"), "val_tokens": int(tokens)}
+    return {
+        "val_ce": ce / n,
+        "val_kl": kl / n if teacher is not None else float("nan"),
+        "val_tokens": int(tokens),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +196,9 @@ def validation_losses(
 
 
 def _teacher_key(spec: EvaluationSpec, prompts: Sequence[Sequence[int]]) -> str:
-    blob = json.dumps([spec.model_dump(exclude={"every_steps", "teacher_reference"}), list(map(list, prompts))])
+    blob = json.dumps(
+        [spec.model_dump(exclude={"every_steps", "teacher_reference"}), list(map(list, prompts))]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -222,10 +246,23 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        out: dict[str, Any] = validation_losses(model, teacher, tokenized, pad_id, vocab_size=vocab_size,
-                                                batch_size=spec.batch_size, device=device)
-        out.update(rouge_l=float("nan"), rouge_l_std=float("nan"), distinct_1=float("nan"),
-                   distinct_2=float("nan"), teacher_rouge_l=None, num_examples=0)
+        out: dict[str, Any] = validation_losses(
+            model,
+            teacher,
+            tokenized,
+            pad_id,
+            vocab_size=vocab_size,
+            batch_size=spec.batch_size,
+            device=device,
+        )
+        out.update(
+            rouge_l=float("nan"),
+            rouge_l_std=float("nan"),
+            distinct_1=float("nan"),
+            distinct_2=float("nan"),
+            teacher_rouge_l=None,
+            num_examples=0,
+        )
         chosen = list(range(min(spec.num_examples, len(examples))))
         if chosen:
             prompts = [data.encode_prompt(examples[i], tokenizer, max_prompt_length) for i in chosen]

@@ -99,16 +99,17 @@ def step_event(
 
 def dumps(event: Event) -> str:
     """One JSON line (no newline). NaN is written as null so that strict JSON readers accept it."""
-    return json.dumps(_nan_to_none(event), separators=(",", ":"), allow_nan=False)
+    return json.dumps(json_safe(event), separators=(",", ":"), allow_nan=False)
 
 
-def _nan_to_none(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Non-finite floats -> None, recursively (strict JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -175,8 +176,11 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):
-            return "out_of_memory", f"out of memory: {exc}. Lower training.batch_size or max_length, " \
-                "raise grad_accum, or enable gradient_checkpointing / loss.fused."
+            return (
+                "out_of_memory",
+                f"out of memory: {exc}. Lower training.batch_size or max_length, "
+                "raise grad_accum, or enable gradient_checkpointing / loss.fused.",
+            )
     except (ImportError, AttributeError):  # pragma: no cover
         pass
     if isinstance(exc, MemoryError):

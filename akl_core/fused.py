@@ -16,17 +16,26 @@ from torch import Tensor
 from akl_core.divergences import (
     DivergenceOptions,
     DivergenceOutput,
+    Workspace,
     check_name,
     chunk_rows,
     chunk_selectors,
     divergence_chunk,
     finish,
+    scaled_once,
 )
 
+# Tokens per lm_head matmul when chunk_size is None: about this many logits. Each chunk
+# rewrites the whole (V, H) weight gradient, so chunks far smaller than this are slow; the
+# divergence itself still runs in its own cache-sized sub-chunks.
+_MATMUL_CHUNK_ELEMENTS = 1 << 22
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    out = hidden @ weight.t()  # (R, V)
-    return out if bias is None else out + bias
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """hidden @ weight.T (+ bias) into a reused (R, V) buffer."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
@@ -40,14 +49,25 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
     w32 = sw.float() if need_h else None
     loss_sum = sh.new_zeros((), dtype=torch.float32)
     stats: dict[str, Tensor] = {}
-    for sel in chunk_selectors(valid, chunk_rows(opts, sw.shape[0], sh.device)):
+    v = sw.shape[0]
+    sub_rows = chunk_rows(opts, v, sh.device)  # the divergence's cache-sized chunk
+    rows = sub_rows if opts.chunk_size else max(sub_rows, _MATMUL_CHUNK_ELEMENTS // max(v, 1))
+    rows = min(rows, max(sh.shape[0], 1))
+    big = Workspace(rows, v, sh.device)  # logits and their gradient for one matmul chunk
+    ws = Workspace(min(sub_rows, rows), v, sh.device)
+    for sel in chunk_selectors(valid, rows):
         h_c = sh[sel]
-        s_c, t_c = _logits(h_c, sw, sb), _logits(th[sel], tw, tb)
-        loss, g, st = divergence_chunk(name, s_c, t_c, opts, need_grad)  # g: (R, V) fp32
-        del s_c, t_c
-        loss_sum += loss.sum()
-        for k, v in st.items():
-            stats[k] = stats[k] + v if k in stats else v
+        r = h_c.shape[0]
+        s_c = _logits(h_c, sw, sb, big.get("s_logits", r, sh.dtype))
+        t_c = _logits(th[sel], tw, tb, big.get("t_logits", r, th.dtype))
+        g = big.get("grad", r) if need_grad else None  # (R, V) fp32
+        for a in range(0, r, sub_rows):
+            b = min(a + sub_rows, r)
+            out = None if g is None else g[a:b]
+            loss, _, st = divergence_chunk(name, s_c[a:b], t_c[a:b], opts, need_grad, ws, out)
+            loss_sum += loss.sum()
+            for k, val in st.items():
+                stats[k] = stats[k] + val if k in stats else val
         if need_h:
             gh = g @ w32  # (R, H)
             if isinstance(sel, slice):
@@ -67,20 +87,17 @@ class _FusedDivergence(torch.autograd.Function):
         need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
         loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need)
         grad_h, grad_w, grad_b = grads
-        ctx.dtypes = (sw.dtype, sb.dtype if sb is not None else None)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.grad_h = grad_h
+        ctx.grad_w = None if grad_w is None else grad_w.to(sw.dtype)
+        ctx.grad_b = None if grad_b is None else grad_b.to(sb.dtype)
         extras["num_tokens"], extras["stats"] = n, stats
         return loss_sum
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        g = grad_output.float()
-        grad_h = None if grad_h is None else grad_h * g.to(grad_h.dtype)
-        grad_w = None if grad_w is None else (grad_w * g).to(w_dtype)
-        grad_b = None if grad_b is None else (grad_b * g).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def compute_fused(
@@ -113,7 +130,10 @@ def compute_fused(
             f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not match "
             f"labels {tuple(labels.shape)}"
         )
-    if student_hidden.shape[-1] != student_weight.shape[1] or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+    if (
+        student_hidden.shape[-1] != student_weight.shape[1]
+        or teacher_hidden.shape[-1] != teacher_weight.shape[1]
+    ):
         raise ValueError("hidden size does not match the lm_head weight's second dimension")
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()

@@ -48,8 +48,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m akl_core.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path, help="job spec as JSON")
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the newest complete checkpoint in OUTPUT_DIR (default)")
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from the newest complete checkpoint in OUTPUT_DIR (default)",
+    )
     return parser.parse_args(argv)
 
 
@@ -121,9 +125,18 @@ def _launch_distributed(args: argparse.Namespace, processes: int, events_out: Te
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stop_file = args.output_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "akl_core.runner", str(args.spec), str(args.output_dir),
-           "--resume" if args.resume else "--no-resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "akl_core.runner",
+        str(args.spec),
+        str(args.output_dir),
+        "--resume" if args.resume else "--no-resume",
+    ]
     env = {**os.environ, CHILD_ENV: "1", STOP_FILE_ENV: str(stop_file)}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_file.touch())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)

@@ -117,5 +117,7 @@ def fig2(steps: int = 200, lr: float = 0.1, seed: int = 0) -> dict[str, dict[str
     for tname, p in targets.items():
         torch.manual_seed(seed)
         init = torch.rand(p.shape[0], dtype=torch.float64)
-        runs[tname] = {d: fit(p, d, steps=steps, lr=lr, init=init, snapshot_steps=(0, steps)) for d in ("fkl", "rkl")}
+        runs[tname] = {
+            d: fit(p, d, steps=steps, lr=lr, init=init, snapshot_steps=(0, steps)) for d in ("fkl", "rkl")
+        }
     return runs

@@ -16,6 +16,7 @@ runs DistributedDataParallel over gloo (CPU) or nccl (CUDA); rank 0 alone writes
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from akl_core import checkpoint as ckpt
-from akl_core.events import DistillError, Event, EventSink, classify_error, step_event
+from akl_core.events import DistillError, Event, EventSink, classify_error, json_safe, step_event
 from akl_core.spec import JobSpec
 
 GAP_KEYS = ("g_head", "g_tail", "w_head", "fkl", "rkl", "head_size")
@@ -193,7 +194,7 @@ class StepSums:
 
     @classmethod
     def from_list(cls, values: list[float]) -> StepSums:
-        return cls(*values[:4], stats=dict(zip(GAP_KEYS, values[4:])))
+        return cls(*values[:4], stats=dict(zip(GAP_KEYS, values[4:], strict=True)))
 
 
 def micro_loss(
@@ -211,8 +212,14 @@ def micro_loss(
     loss = spec.loss
     # The gap history (g_head, g_tail, w_head, fkl, rkl) is logged for every loss; divergences
     # other than AKL add it with all_stats (about one more pass over the chunk, no gradient).
-    opts = dict(mu=loss.mu, temperature=loss.temperature, lam=loss.lam, beta=loss.beta,
-                chunk_size=loss.chunk_size, all_stats=loss.name not in ("akl", "akl_r"))
+    opts = dict(
+        mu=loss.mu,
+        temperature=loss.temperature,
+        lam=loss.lam,
+        beta=loss.beta,
+        chunk_size=loss.chunk_size,
+        all_stats=loss.name not in ("akl", "akl_r"),
+    )
     kd_name = "fkl" if loss.name == "sft" else loss.name  # sft: the divergence is monitoring only
     device = batch["input_ids"].device
     with torch.no_grad(), _autocast(device, precision):
@@ -249,7 +256,9 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], rows):
-        total = total + checkpoint(ce, hidden[i : i + rows], weight, targets[i : i + rows], use_reentrant=False)
+        total = total + checkpoint(
+            ce, hidden[i : i + rows], weight, targets[i : i + rows], use_reentrant=False
+        )
     return total
 
 
@@ -299,7 +308,9 @@ def train_step(
         sync = i == len(batches) - 1 or not info.enabled
         ctx = contextlib.nullcontext() if sync else student.no_sync()
         with ctx:
-            ce_sum, kd_sum, stats_sum, n = micro_loss(student, teacher, batch, spec, vocab, precision, fused_fn)
+            ce_sum, kd_sum, stats_sum, n = micro_loss(
+                student, teacher, batch, spec, vocab, precision, fused_fn
+            )
             total = ((1.0 - r) * ce_sum + r * kd_sum) * scale
             total.backward()
         sums.ce += float(ce_sum.detach())
@@ -375,6 +386,11 @@ def distill(
     """
     output_dir = Path(output_dir)
     info, device = init_distributed(spec.resources.device)
+    if not resume and info.is_main:  # a fresh run: no trace of an earlier one in the output
+        for stale in ("checkpoints", "final", "result.json", "events.jsonl"):
+            path = output_dir / stale
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    info.barrier()
     sink = EventSink(output_dir / "events.jsonl", on_event) if info.is_main else EventSink()
     try:
         return _run(spec, output_dir, sink, info, device, should_stop, resume, models_root, allow_hub)
@@ -413,7 +429,9 @@ def _setup(spec: JobSpec, device: torch.device, models_root, allow_hub, resume_f
     else:
         student = models.build_student(spec.student, teacher_path, models_root, allow_hub, t.seed)
         if spec.student.init == "pretrained":
-            s_path = models.resolve_model_ref(spec.student.model, models_root=models_root, allow_hub=allow_hub)
+            s_path = models.resolve_model_ref(
+                spec.student.model, models_root=models_root, allow_hub=allow_hub
+            )
             models.check_tokenizers(tokenizer, models.load_tokenizer(s_path))
     student = student.to(device=device, dtype=torch.float32)
     vocab = models.common_vocab_size(teacher, student, tokenizer)
@@ -421,7 +439,9 @@ def _setup(spec: JobSpec, device: torch.device, models_root, allow_hub, resume_f
     train = data.tokenize_examples(examples, tokenizer, t.max_length, t.max_prompt_length)
     validation = []
     if spec.data.validation:
-        validation = data.read_examples(spec.data.validation, spec.data.format, spec.data.max_validation_examples)
+        validation = data.read_examples(
+            spec.data.validation, spec.data.format, spec.data.max_validation_examples
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return _Setup(tokenizer, teacher, student, vocab, train, validation, pad_id)
 
@@ -458,8 +478,16 @@ def _evaluate(spec: JobSpec, s: _Setup, output_dir: Path, device: torch.device, 
     return {"step": step, **metrics}
 
 
-EVAL_KEYS = ("rouge_l", "rouge_l_std", "distinct_1", "distinct_2", "val_ce", "val_kl", "teacher_rouge_l",
-             "num_examples")
+EVAL_KEYS = (
+    "rouge_l",
+    "rouge_l_std",
+    "distinct_1",
+    "distinct_2",
+    "val_ce",
+    "val_kl",
+    "teacher_rouge_l",
+    "num_examples",
+)
 
 
 def _eval_event(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -467,14 +495,27 @@ def _eval_event(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"step": metrics["step"], **{k: metrics.get(k) for k in EVAL_KEYS}}
 
 
+def _completed_result(output_dir: Path, spec_hash: str) -> dict[str, Any] | None:
+    path = output_dir / "result.json"
+    if not path.is_file() or not (output_dir / "final").is_dir():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if result.get("spec_sha256") == spec_hash and result.get("status") == "completed" else None
+
+
 def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root, allow_hub) -> dict[str, Any]:
     t = spec.training
     torch.manual_seed(t.seed)
+    spec_hash = hashlib.sha256(spec.model_dump_json(exclude={"resources"}).encode()).hexdigest()[:16]
+    done = _completed_result(output_dir, spec_hash) if resume else None
+    if done is not None:  # e.g. a worker retrying a job that finished before it was recorded
+        sink.log("this output directory already holds the completed run of this spec; not training again")
+        sink.emit("completed", step=done["step"], final_path="final", metrics=done["metrics"])
+        return done
     latest = ckpt.latest_checkpoint(output_dir) if resume else None
-    if not resume and info.is_main:
-        for stale in ("checkpoints", "final", "result.json"):
-            path = output_dir / stale
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     s = _setup(spec, device, models_root, allow_hub, latest)
     if not s.train:
         raise DistillError("invalid_data", "the training data has no examples")
@@ -502,8 +543,13 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
         state = blob["train_state"]
     order = DataOrder(len(s.train), t.seed)
     global_batch = t.batch_size * t.grad_accum * info.world_size
-    sink.emit("started", total_steps=total, resumed_from_step=state.step, num_train_examples=len(s.train),
-              device=str(device) if not info.enabled else f"{device.type} x{info.world_size}")
+    sink.emit(
+        "started",
+        total_steps=total,
+        resumed_from_step=state.step,
+        num_train_examples=len(s.train),
+        device=str(device) if not info.enabled else f"{device.type} x{info.world_size}",
+    )
     if latest is not None:
         sink.log(f"resumed from {latest.relative_to(output_dir)}")
     last_ckpt: str | None = str(latest.relative_to(output_dir)) if latest is not None else None
@@ -513,8 +559,15 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
     def save(step_state: ckpt.TrainState) -> str:
         path = None
         if info.is_main:
-            path = ckpt.save_checkpoint(output_dir, step_state, model=s.student, tokenizer=s.tokenizer,
-                                        optimizer=optimizer, scheduler=scheduler, keep=spec.checkpointing.keep)
+            path = ckpt.save_checkpoint(
+                output_dir,
+                step_state,
+                model=s.student,
+                tokenizer=s.tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                keep=spec.checkpointing.keep,
+            )
             sink.emit("checkpoint", step=step_state.step, path=str(path))
         info.barrier()
         return str(path) if path is not None else ckpt.CHECKPOINTS + "/" + ckpt.step_dir_name(step_state.step)
@@ -524,20 +577,40 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
         lr = optimizer.param_groups[0]["lr"]
         ids = order.take(state, global_batch)
         batches = [_batch(s, mb, device) for mb in micro_batches(ids, t.batch_size, t.grad_accum, info)]
-        sums, grad_norm = train_step(student, teacher, batches, optimizer, scheduler, spec, s.vocab, info, device,
-                                     t.precision, fused_fn)
+        sums, grad_norm = train_step(
+            student,
+            teacher,
+            batches,
+            optimizer,
+            scheduler,
+            spec,
+            s.vocab,
+            info,
+            device,
+            t.precision,
+            fused_fn,
+        )
         state.step += 1
         state.trained_tokens += int(sums.tokens)
         n = max(sums.tokens, 1.0)
         r = spec.loss.kd_ratio
         dt = time.perf_counter() - t0
-        sink(step_event(
-            step=state.step, total_steps=total, epoch=state.epoch + state.index / len(s.train),
-            loss=((1 - r) * sums.ce + r * sums.kd) / n, ce=sums.ce / n, kd=sums.kd / n, lr=lr,
-            grad_norm=grad_norm, tokens=int(sums.tokens), trained_tokens=state.trained_tokens,
-            tokens_per_s=sums.seq_tokens / max(dt, 1e-9),
-            stats={k: v / n for k, v in sums.stats.items()} if sums.tokens > 0 else {},
-        ))
+        sink(
+            step_event(
+                step=state.step,
+                total_steps=total,
+                epoch=state.epoch + state.index / len(s.train),
+                loss=((1 - r) * sums.ce + r * sums.kd) / n,
+                ce=sums.ce / n,
+                kd=sums.kd / n,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens=int(sums.tokens),
+                trained_tokens=state.trained_tokens,
+                tokens_per_s=sums.seq_tokens / max(dt, 1e-9),
+                stats={k: v / n for k, v in sums.stats.items()} if sums.tokens > 0 else {},
+            )
+        )
         done = state.step >= total
         if spec.evaluation.every_steps and state.step % spec.evaluation.every_steps == 0 and not done:
             if info.is_main and s.validation:
@@ -551,8 +624,14 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
             if last_ckpt_step != state.step:
                 last_ckpt, last_ckpt_step = save(state), state.step
             sink.emit("stopped", step=state.step, checkpoint=last_ckpt)
-            return {"status": "stopped", "step": state.step, "total_steps": total,
-                    "trained_tokens": state.trained_tokens, "checkpoint": last_ckpt, "metrics": {}}
+            return {
+                "status": "stopped",
+                "step": state.step,
+                "total_steps": total,
+                "trained_tokens": state.trained_tokens,
+                "checkpoint": last_ckpt,
+                "metrics": {},
+            }
 
     if info.is_main:
         if s.validation:
@@ -567,10 +646,17 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     info.barrier()
-    result = {"status": "completed", "step": state.step, "total_steps": total,
-              "trained_tokens": state.trained_tokens, "final_path": "final", "metrics": metrics,
-              "train_state": asdict(state)}
+    result = {
+        "status": "completed",
+        "step": state.step,
+        "total_steps": total,
+        "trained_tokens": state.trained_tokens,
+        "final_path": "final",
+        "metrics": metrics,
+        "train_state": asdict(state),
+        "spec_sha256": spec_hash,
+    }
     if info.is_main:
-        (output_dir / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        (output_dir / "result.json").write_text(json.dumps(json_safe(result), indent=2), encoding="utf-8")
         sink.emit("completed", step=state.step, final_path="final", metrics=metrics)
     return result

@@ -38,8 +38,12 @@ def _parse(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--models-root", type=Path, default=None)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--repeats", type=int, default=2,
-                   help="rounds over all variants, interleaved; the fastest round counts (shared machines)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds over all variants, interleaved; the fastest round counts (shared machines)",
+    )
     p.add_argument("--json", type=Path, default=Path("bench/results/train_step.json"))
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child mode: one variant
     return p.parse_args(argv)
@@ -54,12 +58,19 @@ def _setup(args):
     from akl_core import data, models
     from akl_core.spec import StudentSpec
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     path = models.resolve_model_ref(args.teacher, models_root=args.models_root)
     tok = models.load_tokenizer(path)
-    teacher = models.load_teacher(path, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
-    student = models.build_student(StudentSpec(init="truncate", num_layers=args.layers), path, args.models_root)
+    teacher = models.load_teacher(
+        path, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device
+    )
+    student = models.build_student(
+        StudentSpec(init="truncate", num_layers=args.layers), path, args.models_root
+    )
     student = student.to(device=device, dtype=torch.float32)
     examples = data.read_examples("demo:train", "auto", args.batch * 4)
     rows = data.tokenize_examples(examples, tok, args.seq_len, args.seq_len // 2)
@@ -110,19 +121,32 @@ def _ours(args, name: str, kd_ratio: float, fused: bool) -> dict:
     from akl_core import trainer
     from akl_core.spec import load_spec
 
-    spec = load_spec({"teacher": args.teacher, "data": {"train": "demo:train"},
-                      "loss": {"name": name, "kd_ratio": kd_ratio, "fused": fused},
-                      "training": {"max_steps": 10**6, "learning_rate": 1e-5, "max_length": args.seq_len,
-                                   "max_prompt_length": args.seq_len // 2}})
+    spec = load_spec(
+        {
+            "teacher": args.teacher,
+            "data": {"train": "demo:train"},
+            "loss": {"name": name, "kd_ratio": kd_ratio, "fused": fused},
+            "training": {
+                "max_steps": 10**6,
+                "learning_rate": 1e-5,
+                "max_length": args.seq_len,
+                "max_prompt_length": args.seq_len // 2,
+            },
+        }
+    )
     fused_fn = None
     if fused:
         from akl_core.fused import compute_fused as fused_fn
     s, t = trainer.ResponseLogits(student, fused), trainer.ResponseLogits(teacher, fused)
     opt, sched = trainer.make_optimizer(student, spec, 10**6, device)
-    vocab = min(teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0])
+    vocab = min(
+        teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    )
 
     def step():
-        trainer.train_step(s, t, [batch], opt, sched, spec, vocab, trainer.DistInfo(), device, "auto", fused_fn)
+        trainer.train_step(
+            s, t, [batch], opt, sched, spec, vocab, trainer.DistInfo(), device, "auto", fused_fn
+        )
 
     return _result(torch, device, step, args, batch)
 
@@ -138,13 +162,27 @@ def _trl(args) -> dict:
 
     torch, device, tok, teacher, student, batch = _setup(args)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = GKDConfig(output_dir=tmp, per_device_train_batch_size=args.batch, beta=0.0, lmbda=0.0,
-                        seq_kd=False, max_length=args.seq_len, learning_rate=1e-5, report_to=[],
-                        use_cpu=device.type == "cpu", bf16=device.type == "cuda", max_grad_norm=1.0,
-                        save_strategy="no", logging_strategy="no")
-        ds = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": "hello"}]}] * 4)
-        gkd = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok)
+        cfg = GKDConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch,
+            beta=0.0,
+            lmbda=0.0,
+            seq_kd=False,
+            max_length=args.seq_len,
+            learning_rate=1e-5,
+            report_to=[],
+            use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda",
+            max_grad_norm=1.0,
+            save_strategy="no",
+            logging_strategy="no",
+        )
+        ds = Dataset.from_list(
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4
+        )
+        gkd = GKDTrainer(
+            model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok
+        )
         gkd.create_optimizer_and_scheduler(num_training_steps=10**6)
         model = gkd.model
         model.train()
@@ -164,9 +202,15 @@ def _trl(args) -> dict:
 def _result(torch, device, step, args, batch) -> dict:
     sec, peak = _time(torch, device, step, args)
     tokens = int(batch["attention_mask"].sum())
-    return {"step_s": sec, "tokens_per_s": tokens / sec, "peak_mib": peak, "tokens": tokens,
-            "valid_tokens": int((batch["labels"][:, 1:] != -100).sum()), "device": str(device),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "step_s": sec,
+        "tokens_per_s": tokens / sec,
+        "peak_mib": peak,
+        "tokens": tokens,
+        "valid_tokens": int((batch["labels"][:, 1:] != -100).sum()),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_variant(args, variant: str) -> dict:
@@ -190,8 +234,9 @@ def main(argv=None) -> None:
     passthrough = list(argv if argv is not None else sys.argv[1:])
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
-            proc = subprocess.run([sys.executable, __file__, *passthrough, "--only", variant],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, *passthrough, "--only", variant], capture_output=True, text=True
+            )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             r = json.loads(lines[-1][7:]) if lines else {"skipped": proc.stderr[-800:]}
             old = results.get(variant)
@@ -207,8 +252,9 @@ def main(argv=None) -> None:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"{variant:<16}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.0f}{ratio:>8}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                    indent=2))
+    args.json.write_text(
+        json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+    )
     print(f"wrote {args.json}")
 
 

@@ -37,8 +37,13 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     # One direct exchange per queue, as the API's publisher declares them (a bare Queue(name)
     # would bind to the default exchange and a gpu job would also land on the cpu queue).
-    task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (settings.gpu_queue, settings.cpu_queue)),
+    task_queues=tuple(
+        Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (settings.gpu_queue, settings.cpu_queue)
+    ),
     task_default_queue=settings.gpu_queue,
+    # One job per worker process, run in its main process so it sees the worker's SIGTERM.
+    worker_pool="solo",
+    worker_concurrency=1,
     worker_hijack_root_logger=False,
     # No result backend: status lives in the jobs table.
     task_ignore_result=True,
@@ -88,7 +93,11 @@ def _start_reconciler(**_: Any) -> None:
         requeue_after_s=ctx.options.requeue_after_s,
     )
     _reconciler.start()
-    log.info("akl worker ready: broker %s, artifacts %s", settings.broker_url.split("@")[-1], settings.artifacts_root)
+    log.info(
+        "akl worker ready: broker %s, artifacts %s",
+        settings.broker_url.split("@")[-1],
+        settings.artifacts_root,
+    )
 
 
 @signals.worker_shutting_down.connect

@@ -13,20 +13,24 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from api.core.config import Settings
-from api.db.models import CANCELLED, FAILED, SUCCEEDED, Job
+from api.db.models import CANCELLED, FAILED, SUCCEEDED, Job, JobEvent
 from worker import leases
 from worker.leases import ClaimedJob, SessionFactory
 from worker.options import WorkerOptions
 from worker.recorder import EventRecorder
 from worker.specs import SpecError, resolve_spec
-from worker.supervisor import EXIT_COMPLETED, EXIT_FAILED, RunResult, Supervisor
+from worker.supervisor import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, RunResult, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +53,35 @@ def run_job(job_id: str, ctx: WorkerContext) -> str:
         log.info("job %s: not claimable (finished, or another worker holds it)", job_id)
         return "skipped"
     if job.cancel_requested:
-        leases.finish(ctx.session_factory, job_id, owner, CANCELLED)
-        return "cancelled"
+        return _end(ctx, job_id, owner, CANCELLED, "cancelled before it started")
     if job.attempts > ctx.options.max_attempts:
         message = (
             f"the job was started {job.attempts - 1} times and never finished (its worker died or was "
             f"killed each time); giving up after {ctx.options.max_attempts} attempts"
         )
-        leases.finish(ctx.session_factory, job_id, owner, FAILED, error_code="too_many_attempts", error_message=message)
-        return "failed"
+        return _end(ctx, job_id, owner, FAILED, message, error_code="too_many_attempts")
     output_dir = Path(ctx.settings.artifacts_root or "artifacts").resolve() / job_id
     try:
         spec = resolve_spec(ctx.session_factory, job)
     except SpecError as exc:
-        leases.finish(ctx.session_factory, job_id, owner, FAILED, error_code=exc.code, error_message=exc.message)
-        return "failed"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = output_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    _set_output_dir(ctx.session_factory, job_id, owner, output_dir)
-    result, stop = _supervise(job, owner, spec_path, output_dir, ctx)
+        return _end(ctx, job_id, owner, FAILED, exc.message, error_code=exc.code)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = output_dir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        _set_output_dir(ctx.session_factory, job_id, owner, output_dir)
+        _note(ctx.session_factory, job_id, "running", f"attempt {job.attempts} on worker {owner}")
+        result, stop = _supervise(job, owner, spec_path, output_dir, ctx)
+    except OSError as exc:  # the artifacts root is not writable, the runner cannot start, ...
+        log.exception("job %s: could not run", job_id)
+        return _end(
+            ctx,
+            job_id,
+            owner,
+            FAILED,
+            f"the worker could not run the job: {exc}",
+            error_code="internal_error",
+        )
     return _settle(job, owner, result, stop, ctx)
 
 
@@ -104,7 +117,9 @@ class Heartbeat(threading.Thread):
             tick += 1
             try:
                 if tick % beats == 0:
-                    beat = leases.renew(self.session_factory, self.job_id, self.owner, lease_s=self.options.lease_s)
+                    beat = leases.renew(
+                        self.session_factory, self.job_id, self.owner, lease_s=self.options.lease_s
+                    )
                     if not beat.held:
                         self.lost.set()
                     cancel = beat.cancel_requested
@@ -122,8 +137,6 @@ class Heartbeat(threading.Thread):
 
 
 def _cancel_requested(session_factory: SessionFactory, job_id: str) -> bool:
-    from sqlalchemy import select
-
     with session_factory() as session:
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
@@ -162,28 +175,35 @@ def _supervise(
     finally:
         supervisor.terminate()
         heartbeat.stop()
-    recorder.flush()
+    for _ in range(10):  # the last events (completed / error / stopped) matter most
+        if recorder.flush():
+            break
+        time.sleep(3)
     return result, should_stop() if result.stop_reason is None else result.stop_reason
 
 
 def _settle(job: ClaimedJob, owner: str, result: RunResult, stop: str | None, ctx: WorkerContext) -> str:
-    sf = ctx.session_factory
     completed = result.returncode == EXIT_COMPLETED and "completed" in result.last_events
     if stop == "lease_lost" and not completed:
         log.warning("job %s: lease lost; another worker owns it now", job.id)
         return "lost"
     if completed:
-        leases.finish(sf, job.id, owner, SUCCEEDED, progress=1.0)
-        return "succeeded"
+        return _end(ctx, job.id, owner, SUCCEEDED, "succeeded", progress=1.0)
     if stop == "cancelled":
-        leases.finish(sf, job.id, owner, CANCELLED)
-        return "cancelled"
-    if stop == "shutdown" or result.returncode == 3 or result.returncode < 0:
+        return _end(ctx, job.id, owner, CANCELLED, f"cancelled at step {_step(result)}")
+    if stop == "shutdown" or result.returncode == EXIT_STOPPED or result.returncode < 0:
         # Stopped from outside (worker shutdown, or a signal such as the OOM killer): requeue; the
         # runner resumes from its newest checkpoint. Only a crash counts as an attempt.
-        crashed = stop != "shutdown" and result.returncode != 3
-        if leases.release(sf, job.id, owner, count_attempt=crashed):
-            ctx.enqueue(job.id, job.queue)
+        crashed = stop != "shutdown" and result.returncode != EXIT_STOPPED
+        why = "the worker is shutting down" if not crashed else f"the runner was killed ({result.returncode})"
+        if _retrying(leases.release, ctx.session_factory, job.id, owner, count_attempt=crashed):
+            _note(
+                ctx.session_factory, job.id, "released", f"back to the queue at step {_step(result)}: {why}"
+            )
+            try:
+                ctx.enqueue(job.id, job.queue)
+            except Exception:  # the reconciler re-enqueues it later
+                log.exception("job %s: could not re-enqueue", job.id)
         return "released"
     error = result.last_events.get("error")
     if result.returncode == EXIT_FAILED and error is not None:
@@ -193,8 +213,45 @@ def _settle(job: ClaimedJob, owner: str, result: RunResult, stop: str | None, ct
         message = f"the runner exited with code {result.returncode}" + (
             f"; last output:\n{result.stderr_tail[-2000:]}" if result.stderr_tail else ""
         )
-    leases.finish(sf, job.id, owner, FAILED, error_code=code, error_message=message)
-    return "failed"
+    return _end(ctx, job.id, owner, FAILED, message, error_code=code)
+
+
+def _step(result: RunResult) -> int:
+    steps = [int(e.get("step") or 0) for e in result.last_events.values() if isinstance(e.get("step"), int)]
+    return max(steps, default=0)
+
+
+def _end(ctx: WorkerContext, job_id: str, owner: str, status: str, message: str, **values: Any) -> str:
+    """Finish the job (retrying through a database blip) and log it in its events."""
+    error_code = values.pop("error_code", None)
+    if _retrying(
+        leases.finish, ctx.session_factory, job_id, owner, status,
+        error_code=error_code, error_message=message if error_code else None, **values,
+    ):  # fmt: skip
+        _note(ctx.session_factory, job_id, status, message, level="error" if status == FAILED else "info")
+    return status
+
+
+def _retrying(fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
+    for attempt in Retrying(
+        retry=retry_if_exception_type(OperationalError),
+        stop=stop_after_delay(60),
+        wait=wait_exponential(max=5),
+        reraise=True,
+    ):
+        with attempt:
+            return fn(*args, **kwargs)
+    return False  # pragma: no cover - Retrying either returns or raises
+
+
+def _note(
+    session_factory: SessionFactory, job_id: str, type_: str, message: str, level: str = "info"
+) -> None:
+    try:
+        with session_factory() as session, session.begin():
+            session.add(JobEvent(job_id=job_id, type=type_, level=level, message=message))
+    except SQLAlchemyError:
+        log.exception("job %s: could not record the %s event", job_id, type_)
 
 
 def _set_output_dir(session_factory: SessionFactory, job_id: str, owner: str, output_dir: Path) -> None:
@@ -205,6 +262,3 @@ def _set_output_dir(session_factory: SessionFactory, job_id: str, owner: str, ou
             .values(output_dir=str(output_dir))
             .execution_options(synchronize_session=False)
         )
-
-
-

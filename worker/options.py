@@ -22,7 +22,9 @@ class WorkerOptions(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="a job claimed more often than this fails")
     reconcile_every_s: float = Field(20.0, gt=0, description="period of the reconciler loop")
     runner_module: str = Field("akl_core.runner", description="python -m MODULE SPEC.json OUTPUT_DIR")
-    requeue_after_s: float = Field(300.0, gt=0, description="re-enqueue a queued job not picked up for this long")
+    requeue_after_s: float = Field(
+        300.0, gt=0, description="re-enqueue a queued job not picked up for this long"
+    )
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerOptions:

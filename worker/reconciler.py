@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Update, and_, or_, select, update
 
 from api.db.models import QUEUED, RUNNING, Job, utcnow
 from worker import leases
@@ -86,7 +86,11 @@ def _requeue_expired(session_factory: SessionFactory, job_id: str, now: datetime
 
 
 def _requeue_stale(
-    session_factory: SessionFactory, job_id: str, enqueued_at: datetime | None, now: datetime, enqueue: Enqueue
+    session_factory: SessionFactory,
+    job_id: str,
+    enqueued_at: datetime | None,
+    now: datetime,
+    enqueue: Enqueue,
 ) -> bool:
     unchanged = Job.enqueued_at.is_(None) if enqueued_at is None else Job.enqueued_at == enqueued_at
     stmt = (
@@ -98,7 +102,7 @@ def _requeue_stale(
     return _update_and_enqueue(session_factory, stmt, job_id, enqueue)
 
 
-def _update_and_enqueue(session_factory: SessionFactory, stmt, job_id: str, enqueue: Enqueue) -> bool:  # type: ignore[no-untyped-def]
+def _update_and_enqueue(session_factory: SessionFactory, stmt: Update, job_id: str, enqueue: Enqueue) -> bool:
     with session_factory() as session, session.begin():
         if session.execute(stmt).rowcount != 1:
             return False  # another reconciler or a worker got there first
@@ -114,14 +118,20 @@ def _update_and_enqueue(session_factory: SessionFactory, stmt, job_id: str, enqu
 class ReconcilerThread(threading.Thread):
     """Runs ``reconcile`` every ``every_s`` seconds until ``stop()``."""
 
-    def __init__(self, session_factory: SessionFactory, enqueue: Enqueue, *, every_s: float, requeue_after_s: float):
+    def __init__(
+        self, session_factory: SessionFactory, enqueue: Enqueue, *, every_s: float, requeue_after_s: float
+    ):
         super().__init__(name="akl-reconciler", daemon=True)
         self.session_factory, self.enqueue = session_factory, enqueue
         self.every_s, self.requeue_after_s = every_s, requeue_after_s
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.every_s):
+        # The first pass runs at once: after a restart of the only worker (embedded `akl serve`),
+        # the jobs it was running when it died are picked up without waiting a period.
+        delay = 0.0
+        while not self._stop_event.wait(delay):
+            delay = self.every_s
             try:
                 report = reconcile(self.session_factory, self.enqueue, requeue_after_s=self.requeue_after_s)
             except Exception:

@@ -13,6 +13,7 @@ Every flush is conditional on our lease: a worker that lost its job writes nothi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.db.models import (
@@ -33,6 +35,9 @@ from api.db.models import (
     utcnow,
 )
 from worker.leases import SessionFactory
+from worker.supervisor import read_events
+
+log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
@@ -75,17 +80,25 @@ class EventRecorder:
         if self.buffer and time.monotonic() - self.last_flush >= self.flush_interval_s:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write the buffer in one transaction. A database error keeps the events for the next
+        flush (a blip must not kill a run that is hours in); returns False then."""
         self.last_flush = time.monotonic()
         if not self.buffer or self.lease_lost:
-            return
+            return True
         events, self.buffer = self.buffer, []
-        with self.session_factory() as session, session.begin():
-            if not self._touch_job(session, events):
-                self.lease_lost = True
-                return
-            self._write(session, events)
+        try:
+            with self.session_factory() as session, session.begin():
+                if not self._touch_job(session, events):
+                    self.lease_lost = True
+                    return True
+                self._write(session, events)
+        except SQLAlchemyError as exc:
+            log.warning("job %s: could not record %d events (%s); retrying", self.job_id, len(events), exc)
+            self.buffer = events + self.buffer
+            return False
         self.flushes += 1
+        return True
 
     # -- one transaction -------------------------------------------------------------------
     def _touch_job(self, session: Session, events: list[Event]) -> bool:
@@ -128,7 +141,10 @@ class EventRecorder:
             if kind == "started":
                 self._flush_steps(session, steps)
                 steps = {}
-                self._truncate_after(session, int(event.get("resumed_from_step") or 0))
+                resumed = int(event.get("resumed_from_step") or 0)
+                self._truncate_after(session, resumed)
+                if resumed:
+                    self._backfill(session, resumed)
             elif kind == "step":
                 steps[int(event["step"])] = event
             elif kind == "eval":
@@ -136,15 +152,20 @@ class EventRecorder:
             elif kind == "checkpoint":
                 self._record_checkpoint(session, int(event["step"]), str(event["path"]), is_final=False)
             elif kind == "stopped" and event.get("checkpoint"):
-                self._record_checkpoint(session, int(event.get("step") or 0), str(event["checkpoint"]), is_final=False)
+                self._record_checkpoint(
+                    session, int(event.get("step") or 0), str(event["checkpoint"]), is_final=False
+                )
             elif kind == "completed":
                 self._record_checkpoint(
-                    session, int(event.get("step") or 0), str(event.get("final_path") or "final"), is_final=True
+                    session,
+                    int(event.get("step") or 0),
+                    str(event.get("final_path") or "final"),
+                    is_final=True,
                 )
             if kind in LOGGED_TYPES:
                 session.add(_job_event(self.job_id, event))
         self._flush_steps(session, steps)
-        if any(e.get("type") in ("checkpoint", "stopped", "completed") for e in events):
+        if any(e.get("type") in ("started", "checkpoint", "stopped", "completed") for e in events):
             self._prune_checkpoints(session)
 
     def _truncate_after(self, session: Session, step: int) -> None:
@@ -155,11 +176,47 @@ class EventRecorder:
             delete(JobCheckpoint).where(JobCheckpoint.job_id == self.job_id, JobCheckpoint.step > step)
         )
 
+    def _backfill(self, session: Session, step: int) -> None:
+        """Fill in history up to ``step`` that never reached the database: the events a killed
+        worker still held, and those its orphaned runner printed while stopping (it checkpoints
+        on the way out, and the next run resumes there). The runner's events.jsonl has them all;
+        for a step seen twice the later line wins (a run that resumed replaces the abandoned one)."""
+        path = self.output_dir / "events.jsonl"
+        if not path.exists():
+            return
+        steps: dict[int, Event] = {}
+        evals: dict[int, Event] = {}
+        checkpoints: dict[str, int] = {}
+        for event in read_events(path):
+            kind, at = event.get("type"), event.get("step")
+            if not isinstance(at, int) or at > step:
+                continue
+            if kind == "step":
+                steps[at] = event
+            elif kind == "eval":
+                evals[at] = event
+            elif kind == "checkpoint" and event.get("path"):
+                checkpoints[str(event["path"])] = at
+            elif kind == "stopped" and event.get("checkpoint"):
+                checkpoints[str(event["checkpoint"])] = at
+        self._flush_steps(session, steps)
+        have = set(session.scalars(select(JobEvaluation.step).where(JobEvaluation.job_id == self.job_id)))
+        for at, event in evals.items():
+            if at not in have:
+                self._record_eval(session, event)
+        for rel, at in checkpoints.items():
+            self._record_checkpoint(session, at, rel, is_final=False)
+
     def _flush_steps(self, session: Session, steps: dict[int, dict[str, Any]]) -> None:
         if not steps:
             return
         rows = [
-            {"job_id": self.job_id, "step": step, "trained_tokens": _int(e.get("trained_tokens")), **_step_metrics(e)}
+            {
+                "job_id": self.job_id,
+                "step": step,
+                "trained_tokens": _int(e.get("trained_tokens")),
+                **_step_metrics(e),
+            }
             for step, e in sorted(steps.items())
         ]
         insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert

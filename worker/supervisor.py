@@ -8,11 +8,13 @@ current optimizer step, writes a checkpoint and exits 3 - and SIGKILL only after
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ from typing import Any
 Event = dict[str, Any]
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def parse_event_line(line: str) -> Event:
@@ -36,6 +39,20 @@ def parse_event_line(line: str) -> Event:
     if isinstance(event, dict) and isinstance(event.get("type"), str):
         return event
     return {"type": "log", "level": "warning", "message": f"runner stdout: {text[:2000]}"}
+
+
+def read_events(path: Path) -> list[Event]:
+    """The events of a runner's events.jsonl (a torn last line, from a kill, is skipped)."""
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("type"), str):
+                events.append(event)
+    return events
 
 
 @dataclass
@@ -91,6 +108,7 @@ class Supervisor:
                 text=True,
                 bufsize=1,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             if stderr_file is not subprocess.DEVNULL:
@@ -147,6 +165,18 @@ class Supervisor:
         """Stop the child at once (used when the supervising task itself is being torn down)."""
         if self.proc is not None and self.proc.poll() is None:
             _signal_group(self.proc, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the worker dies (Linux), so a killed worker
+    leaves no orphan run behind - the runner checkpoints and exits, well before the job's lease
+    expires and another worker resumes it."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _signal_group(proc: subprocess.Popen[str], sig: signal.Signals) -> None:

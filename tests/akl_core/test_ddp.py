@@ -16,18 +16,26 @@ from akl_core.spec import load_spec
 
 
 def spec_for(batch_size: int, processes: int):
-    return load_spec({
-        "teacher": "preset:tiny",
-        "student": {"init": "truncate", "num_layers": 1},
-        # 14 examples, global batch 4: the 4th step is short (2 examples), so under DDP one rank
-        # gets a fully masked placeholder example there
-        "data": {"train": "demo:train", "max_train_examples": 14},
-        "loss": {"name": "akl"},
-        "training": {"max_steps": 4, "batch_size": batch_size, "grad_accum": 1, "learning_rate": 3e-3,
-                     "max_length": 64, "max_prompt_length": 32},
-        "evaluation": {"num_examples": 0},
-        "resources": {"processes": processes},
-    })
+    return load_spec(
+        {
+            "teacher": "preset:tiny",
+            "student": {"init": "truncate", "num_layers": 1},
+            # 14 examples, global batch 4: the 4th step is short (2 examples), so under DDP one rank
+            # gets a fully masked placeholder example there
+            "data": {"train": "demo:train", "max_train_examples": 14},
+            "loss": {"name": "akl"},
+            "training": {
+                "max_steps": 4,
+                "batch_size": batch_size,
+                "grad_accum": 1,
+                "learning_rate": 3e-3,
+                "max_length": 64,
+                "max_prompt_length": 32,
+            },
+            "evaluation": {"num_examples": 0},
+            "resources": {"processes": processes},
+        }
+    )
 
 
 @pytest.mark.timeout(300)
@@ -40,8 +48,13 @@ def test_two_processes_match_one(models_root, tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec_for(2, 2).model_dump_json())
     env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "akl_core.runner", str(spec_path), str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=280)
+    proc = subprocess.run(
+        [sys.executable, "-m", "akl_core.runner", str(spec_path), str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert events[0]["type"] == "started" and events[0]["device"] == "cpu x2"

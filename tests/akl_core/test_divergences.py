@@ -49,12 +49,26 @@ def make_case(kind: str, seed: int = 0):
         shape, scale = (3, 4, 71), 3.0
     elif kind == "flat_n":
         shape, scale = (17, 29), 0.2
+    elif kind in ("wide", "wide_inf"):  # V > _BLOCK * (_BLOCKS + 1): the block candidates
+        shape, scale = (4, 6, 1000), 2.0
+    elif kind == "wide64":  # V a multiple of _BLOCK: also the top-1 shortcut
+        shape, scale = (4, 6, 1024), 2.0
     else:
         raise KeyError(kind)
     s = (torch.randn(shape, generator=g) * scale).to(dtype)
     t = (torch.randn(shape, generator=g) * scale).to(dtype)
     if kind == "peaked":
         t[..., 3] += 15.0
+    if kind.startswith("wide"):  # rows of every kind: peaked, flat, a few strong tokens
+        t[0] += 12.0 * (torch.arange(shape[-1]) == 700)
+        t[1] *= 0.05
+        t[2, :, 100:140] += 4.0
+        t[3, :, ::97] += 6.0
+    if kind == "wide_inf":
+        s[..., 960:] = -math.inf
+        t[..., 960:] = -math.inf
+        s[..., 130:200] = -math.inf
+        t[..., 130:200] = -math.inf
     if kind == "neg_inf":  # a masked vocabulary slice, the same in teacher and student
         s[..., -9:] = -math.inf
         t[..., -9:] = -math.inf
@@ -65,7 +79,22 @@ def make_case(kind: str, seed: int = 0):
     return s, t, labels, opts
 
 
-CASES = ("odd", "flat", "peaked", "temp_hot", "temp_cold", "bf16", "fp16", "mu03", "mu09", "neg_inf", "flat_n")
+CASES = (
+    "odd",
+    "flat",
+    "peaked",
+    "temp_hot",
+    "temp_cold",
+    "bf16",
+    "fp16",
+    "mu03",
+    "mu09",
+    "neg_inf",
+    "flat_n",
+    "wide",
+    "wide_inf",
+    "wide64",
+)
 
 
 def _ours_and_ref(name, s, t, labels, opts, **extra):
@@ -107,17 +136,60 @@ def test_teacher_only_neg_inf_is_finite_and_exact(name):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_head_growth_path_matches_reference(monkeypatch):
-    # a top-k of 2 forces the retry loop (2 -> 32 -> 512 -> V) on most rows
-    monkeypatch.setattr(divergences, "_TOPK", 2)
+def _stage_log(monkeypatch):
+    """Record, per call of _head_of_sorted, (full sort?, rows settled)."""
+    log = []
+    original = divergences._head_of_sorted
+
+    def spy(p_top, q_top, mu, g_head, size, rows_idx, exact):
+        done = original(p_top, q_top, mu, g_head, size, rows_idx, exact)
+        log.append((exact is None, int(done.sum())))
+        return done
+
+    monkeypatch.setattr(divergences, "_head_of_sorted", spy)
+    return log
+
+
+def test_block_candidates_settle_the_peaked_rows(monkeypatch):
+    log = _stage_log(monkeypatch)
+    s, t, labels, opts = make_case("wide")
+    compute("akl", s, t, labels)
+    assert not log[0][0] and 12 <= log[0][1] < 24  # stage 1 settles peaked rows, not flat ones
+    assert log[-1][0]  # the flat rows (t[1] * 0.05) end in the full sort
+
+
+def test_top1_shortcut_settles_peaked_rows(monkeypatch):
+    settled = []
+    original = divergences._head_of_one
+
+    def spy(rows, mu, g_head, size, bmax):
+        todo = original(rows, mu, g_head, size, bmax)
+        settled.append(rows.p.shape[0] - todo.numel())
+        return todo
+
+    monkeypatch.setattr(divergences, "_head_of_one", spy)
+    s, t, labels, opts = make_case("wide64")
+    out, _, (_, _, _, ref_stats, _) = _ours_and_ref("akl", s, t, labels, opts)
+    assert settled and 0 < settled[0] < 24  # row block 0 is peaked (top-1 > mu), the others are not
+    assert math.isclose(out.stats["g_head"], ref_stats["g_head"], rel_tol=1e-5)
+
+
+def test_all_head_stages_match_reference(monkeypatch):
+    # blocks of 2 tokens: V = 131 goes through 8 blocks, 64 blocks, a top-100, the full sort
+    monkeypatch.setattr(divergences, "_BLOCK", 2)
+    monkeypatch.setattr(divergences, "_TOPK_LAST", 100)
+    log = _stage_log(monkeypatch)
     s, t, labels, opts = make_case("odd", seed=5)
-    s, t = s * 0.4, t * 0.4
-    for name in ("akl", "akl_r"):
-        out, grad, (ref_loss, _, _, ref_stats, ref_grad) = _ours_and_ref(name, s, t, labels, opts)
-        torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
-        assert math.isclose(out.stats["head_size"], ref_stats["head_size"])
-        assert ref_stats["head_size"] > 2  # the retry was needed
+    for scale, mu in ((2.0, 0.5), (0.4, 0.5), (0.05, 0.5), (0.05, 0.99)):
+        for name in ("akl", "akl_r"):
+            out, grad, (ref_loss, _, _, ref_stats, ref_grad) = _ours_and_ref(
+                name, s * scale, t * scale, labels, {"mu": mu}
+            )
+            torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+            assert math.isclose(out.stats["head_size"], ref_stats["head_size"], rel_tol=1e-6)
+    stages = {(full, settled > 0) for full, settled in log}
+    assert (False, True) in stages and (True, True) in stages
 
 
 # ---------------------------------------------------------------------------- properties

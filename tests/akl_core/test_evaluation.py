@@ -85,15 +85,19 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny_teacher, tiny_token
     a = evaluation.generate(tiny_teacher, tiny_tokenizer, prompts, seed=10, max_new_tokens=8)
     assert torch.equal(torch.get_rng_state(), before)
     assert evaluation.generate(tiny_teacher, tiny_tokenizer, prompts, seed=10, max_new_tokens=8) == a
-    outs = {tuple(evaluation.generate(tiny_teacher, tiny_tokenizer, prompts, seed=s, max_new_tokens=8))
-            for s in (1, 2, 3)}
+    outs = {
+        tuple(evaluation.generate(tiny_teacher, tiny_tokenizer, prompts, seed=s, max_new_tokens=8))
+        for s in (1, 2, 3)
+    }
     assert len(outs) > 1  # temperature 1 over a random model: seeds differ
 
 
 def test_validation_losses_against_direct_formulas(tiny_teacher, tiny_student, tiny_tokenizer):
     examples = data.read_examples("demo:validation", "auto", 3)
     rows = [data.tokenize_example(ex, tiny_tokenizer, 64, 32) for ex in examples]
-    got = evaluation.validation_losses(tiny_student, tiny_teacher, rows, tiny_tokenizer.pad_token_id, batch_size=2)
+    got = evaluation.validation_losses(
+        tiny_student, tiny_teacher, rows, tiny_tokenizer.pad_token_id, batch_size=2
+    )
     batch = data.collate(rows, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         s = tiny_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

@@ -38,7 +38,9 @@ def _unfused(name, h, w, b, th, tw, tb, labels, **options):
 
 
 def _fused(name, h, w, b, th, tw, tb, labels, **options):
-    out = compute_fused(name, h, w, th, tw, labels, student_bias=b, teacher_bias=tb, all_stats=True, **options)
+    out = compute_fused(
+        name, h, w, th, tw, labels, student_bias=b, teacher_bias=tb, all_stats=True, **options
+    )
     return out, torch.autograd.grad(out.loss, _params(h, w, b))
 
 
@@ -75,14 +77,17 @@ def test_fused_3d_inputs_without_bias_and_no_grad():
     assert not nograd.loss.requires_grad and math.isclose(nograd.loss.item(), ref.loss.item(), rel_tol=1e-5)
 
 
-def test_fused_bf16_matches_unfused_and_keeps_dtypes():
+def test_fused_bf16_matches_fp32_and_keeps_dtypes():
     h, w, b, th, tw, tb, labels = _setup(seed=2, dtype=torch.bfloat16)
-    ref, ref_grads = _unfused("akl", h, w, b, th, tw, tb, labels)
+    # reference: the same bf16 values in fp32 (the fused path accumulates in fp32)
+    up = [x.detach().float().requires_grad_(x.requires_grad) if x is not None else None for x in (h, w, b)]
+    ref, ref_grads = _unfused("akl", *up, th.float(), tw.float(), tb.float(), labels)
     out, grads = _fused("akl", h, w, b, th, tw, tb, labels, chunk_size=5)
     assert all(g.dtype == torch.bfloat16 for g in grads)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=1e-4)
+    # bf16 logits (8 bits of mantissa) on both sides: a percent-level agreement
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=1e-3)
     for a, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-3 * r.abs().max().item())
+        torch.testing.assert_close(a.float(), r, rtol=5e-2, atol=3e-2 * r.abs().max().item())
 
 
 def test_fused_all_masked_and_frozen_weight():
@@ -107,3 +112,30 @@ def test_fused_shape_errors():
         compute_fused("akl", h, w, th, tw, labels[:-1])
     with pytest.raises(ValueError, match="choose from"):
         compute_fused("nope", h, w, th, tw, labels)
+
+
+def test_fused_matmul_chunks_with_divergence_sub_chunks(monkeypatch):
+    # automatic sizes: matmul chunks of 8 tokens, each split into divergence chunks of 3
+    from akl_core import divergences, fused
+
+    monkeypatch.setitem(divergences._AUTO_CHUNK_ELEMENTS, "cpu", 3 * V)
+    monkeypatch.setattr(fused, "_MATMUL_CHUNK_ELEMENTS", 8 * V)
+    args = _setup(seed=4)
+    ref, ref_grads = _unfused("akl", *args, chunk_size=10_000)
+    out, grads = _fused("akl", *args)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert out.stats == pytest.approx(ref.stats, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_second_backward_raises(fused):
+    h, w, b, th, tw, tb, labels = _setup(seed=5)
+    if fused:
+        out = compute_fused("akl", h, w, th, tw, labels)
+    else:
+        out = compute("akl", h @ w.t(), th @ tw.t(), labels)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        out.loss.backward()

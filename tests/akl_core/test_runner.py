@@ -14,21 +14,35 @@ from akl_core.spec import load_spec
 
 
 def write_spec(path: Path, **training) -> Path:
-    spec = load_spec({
-        "teacher": "preset:tiny",
-        "student": {"init": "truncate", "num_layers": 1},
-        "data": {"train": "demo:train", "max_train_examples": 16},
-        "training": {"max_steps": 3, "batch_size": 2, "max_length": 64, "max_prompt_length": 32, **training},
-        "evaluation": {"num_examples": 0},
-    })
+    spec = load_spec(
+        {
+            "teacher": "preset:tiny",
+            "student": {"init": "truncate", "num_layers": 1},
+            "data": {"train": "demo:train", "max_train_examples": 16},
+            "training": {
+                "max_steps": 3,
+                "batch_size": 2,
+                "max_length": 64,
+                "max_prompt_length": 32,
+                **training,
+            },
+            "evaluation": {"num_examples": 0},
+        }
+    )
     path.write_text(spec.model_dump_json())
     return path
 
 
 def runner(models_root: Path, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "akl_core.runner", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "akl_core.runner", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **popen,
+    )
 
 
 def test_completed_run_prints_json_lines(models_root, tmp_path):
@@ -43,13 +57,18 @@ def test_completed_run_prints_json_lines(models_root, tmp_path):
 
 def test_invalid_spec_exits_1_with_error_event(models_root, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"teacher": "preset:tiny", "data": {"train": "demo:train"},
-                               "training": {"learning_rate": -1}}))
+    bad.write_text(
+        json.dumps(
+            {"teacher": "preset:tiny", "data": {"train": "demo:train"}, "training": {"learning_rate": -1}}
+        )
+    )
     proc = runner(models_root, str(bad), str(tmp_path / "out"))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1
     (event,) = [json.loads(line) for line in out.splitlines()]
-    assert event["type"] == "error" and event["code"] == "invalid_spec" and "learning_rate" in event["message"]
+    assert (
+        event["type"] == "error" and event["code"] == "invalid_spec" and "learning_rate" in event["message"]
+    )
 
 
 def test_sigterm_checkpoints_and_exits_3(models_root, tmp_path):
@@ -77,3 +96,22 @@ def test_sigterm_checkpoints_and_exits_3(models_root, tmp_path):
 def test_module_help():
     out = subprocess.run([sys.executable, "-m", "akl_core.runner", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--no-resume" in out.stdout
+
+
+def test_cli_distill_runs_the_tiny_example(models_root, tmp_path, monkeypatch):
+    """`akl distill examples/tiny.yaml` (the shipped example) completes and writes the layout."""
+    import typer
+    from typer.testing import CliRunner
+
+    from akl_core import cli
+
+    app = typer.Typer()
+    cli.register(app)
+    monkeypatch.setenv("AKL_MODELS_ROOT", str(models_root))
+    example = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
+    result = CliRunner().invoke(app, ["distill", str(example), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "result.json").read_text())["metrics"]
+    assert metrics["num_examples"] == 4 and 0.0 <= metrics["distinct_2"] <= 1.0
+    assert (tmp_path / "out/final/model.safetensors").is_file()
+    assert [p.name for p in sorted((tmp_path / "out/checkpoints").iterdir())] == ["step-00000004"]

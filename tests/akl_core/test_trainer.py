@@ -17,8 +17,21 @@ from akl_core import data, trainer
 from akl_core.events import STEP_STATS, DistillError, read_events
 from akl_core.spec import load_spec
 
-STEP_KEYS = ["type", "step", "total_steps", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "tokens",
-             "trained_tokens", "tokens_per_s", *STEP_STATS]
+STEP_KEYS = [
+    "type",
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "ce",
+    "kd",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "trained_tokens",
+    "tokens_per_s",
+    *STEP_STATS,
+]
 
 
 def tiny_spec(loss: str = "akl", training: dict | None = None, **sections):
@@ -27,8 +40,15 @@ def tiny_spec(loss: str = "akl", training: dict | None = None, **sections):
         "student": {"init": "truncate", "num_layers": 1},
         "data": {"train": "demo:train", "max_train_examples": 24},
         "loss": {"name": loss},
-        "training": {"max_steps": 4, "batch_size": 2, "learning_rate": 3e-3, "max_length": 64,
-                     "max_prompt_length": 32, "warmup_steps": 1, **(training or {})},
+        "training": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "learning_rate": 3e-3,
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "warmup_steps": 1,
+            **(training or {}),
+        },
         "evaluation": {"num_examples": 0},
         **sections,
     }
@@ -51,8 +71,9 @@ def steps(events):
 def _batches(tokenizer, n: int, per: int):
     examples = data.read_examples("demo:train", "auto", n)
     rows = data.tokenize_examples(examples, tokenizer, 128, 24)
-    return [data.collate(rows[i : i + per], tokenizer.pad_token_id) for i in range(0, n, per)], \
-        data.collate(rows, tokenizer.pad_token_id)
+    return [data.collate(rows[i : i + per], tokenizer.pad_token_id) for i in range(0, n, per)], data.collate(
+        rows, tokenizer.pad_token_id
+    )
 
 
 def _reference_grads(student, teacher, full, name: str, r: float):
@@ -92,8 +113,16 @@ def test_train_step_matches_full_batch_reference(name, tiny_student, tiny_teache
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
     sums, grad_norm = trainer.train_step(
-        trainer.ResponseLogits(tiny_student), trainer.ResponseLogits(tiny_teacher), micro, opt, sched, spec,
-        vocab, trainer.DistInfo(), torch.device("cpu"), "fp32",
+        trainer.ResponseLogits(tiny_student),
+        trainer.ResponseLogits(tiny_teacher),
+        micro,
+        opt,
+        sched,
+        spec,
+        vocab,
+        trainer.DistInfo(),
+        torch.device("cpu"),
+        "fp32",
     )
     r = spec.loss.kd_ratio
     assert ((1 - r) * sums.ce + r * sums.kd) / sums.tokens == pytest.approx(ref_loss, rel=1e-5)
@@ -108,12 +137,16 @@ def test_train_step_matches_full_batch_reference(name, tiny_student, tiny_teache
 
 
 def test_grad_accum_equals_bigger_batch(models_root, tmp_path):
-    """batch 4 x accum 1 and batch 2 x accum 2 see the same examples per step: same losses."""
+    """batch 4 x accum 1 and batch 2 x accum 2 see the same examples per step: same losses.
+    The second run reuses the directory with resume=False: it starts afresh, events included."""
     a, ea = run(tiny_spec(training={"batch_size": 4}), tmp_path / "a", models_root)
-    b, eb = run(tiny_spec(training={"batch_size": 2, "grad_accum": 2}), tmp_path / "b", models_root)
+    b, eb = run(
+        tiny_spec(training={"batch_size": 2, "grad_accum": 2}), tmp_path / "a", models_root, resume=False
+    )
     la, lb = [e["loss"] for e in steps(ea)], [e["loss"] for e in steps(eb)]
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
     assert a["trained_tokens"] == b["trained_tokens"]
+    assert read_events(tmp_path / "a" / "events.jsonl") == json.loads(json.dumps(eb))
 
 
 # -- resume --------------------------------------------------------------------------------------
@@ -151,6 +184,10 @@ def test_resume_is_exact(models_root, tmp_path):
     # the events file continues across the restart
     on_disk = read_events(tmp_path / "resumed" / "events.jsonl")
     assert [e["type"] for e in on_disk].count("started") == 2 and on_disk[-1]["type"] == "completed"
+    # a completed run is not trained again (a worker retry); it reports the stored result
+    again, e3 = run(spec, tmp_path / "resumed", models_root)
+    assert [e["type"] for e in e3] == ["log", "completed"]
+    assert again["step"] == 10 and again["trained_tokens"] == second["trained_tokens"]
 
 
 # -- output layout and events --------------------------------------------------------------------
@@ -159,8 +196,12 @@ def test_resume_is_exact(models_root, tmp_path):
 def test_layout_events_and_rotation(models_root, tmp_path):
     spec = tiny_spec(
         training={"max_steps": 6},
-        data={"train": "demo:train", "validation": "demo:validation", "max_train_examples": 24,
-              "max_validation_examples": 3},
+        data={
+            "train": "demo:train",
+            "validation": "demo:validation",
+            "max_train_examples": 24,
+            "max_validation_examples": 3,
+        },
         evaluation={"every_steps": 3, "num_examples": 2, "seeds": [1, 2], "max_new_tokens": 4},
         checkpointing={"every_steps": 2, "keep": 1},
     )
@@ -172,7 +213,11 @@ def test_layout_events_and_rotation(models_root, tmp_path):
     for e in steps(events):
         assert list(e) == STEP_KEYS
         assert all(math.isfinite(e[k]) for k in STEP_KEYS[1:])
-    assert sum(e["tokens"] for e in steps(events)) == steps(events)[-1]["trained_tokens"] == result["trained_tokens"]
+    assert (
+        sum(e["tokens"] for e in steps(events))
+        == steps(events)[-1]["trained_tokens"]
+        == result["trained_tokens"]
+    )
     # warmup 1: the first step already trains (lr > 0), cosine decays afterwards
     lrs = [e["lr"] for e in steps(events)]
     assert lrs[0] == pytest.approx(3e-3 / 2) and lrs[1] == pytest.approx(3e-3) and lrs[-1] < lrs[2]
@@ -193,7 +238,9 @@ def test_layout_events_and_rotation(models_root, tmp_path):
 def test_gradient_checkpointing_changes_nothing(models_root, tmp_path):
     spec = tiny_spec(training={"max_steps": 2})
     _, plain = run(spec, tmp_path / "a", models_root)
-    _, gc = run(tiny_spec(training={"max_steps": 2, "gradient_checkpointing": True}), tmp_path / "b", models_root)
+    _, gc = run(
+        tiny_spec(training={"max_steps": 2, "gradient_checkpointing": True}), tmp_path / "b", models_root
+    )
     assert [e["loss"] for e in steps(gc)] == pytest.approx([e["loss"] for e in steps(plain)], rel=1e-5)
 
 
@@ -248,7 +295,9 @@ def test_data_order_epochs_and_ranks():
     assert [len(s) for s in seen] == [4, 4, 2]  # the epoch's last step is short
     assert sorted(sum(seen, [])) == list(range(10))
     nxt = order.take(state, 4)
-    assert state.epoch == 1 and nxt == order.permutation(1)[:4] and order.permutation(1) != order.permutation(0)
+    assert (
+        state.epoch == 1 and nxt == order.permutation(1)[:4] and order.permutation(1) != order.permutation(0)
+    )
     assert trainer.DataOrder(10, seed=3).permutation(0) == order.permutation(0)
     ids = list(range(100, 108))
     one = trainer.micro_batches(ids, 4, 2, trainer.DistInfo(0, 1))
@@ -260,8 +309,11 @@ def test_data_order_epochs_and_ranks():
 
 @pytest.mark.parametrize(
     ("scheduler", "expected"),
-    [("cosine", [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]),
-     ("linear", [0.5, 1.0, 2 / 3, 1 / 3]), ("constant", [0.5, 1.0, 1.0, 1.0])],
+    [
+        ("cosine", [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]),
+        ("linear", [0.5, 1.0, 2 / 3, 1 / 3]),
+        ("constant", [0.5, 1.0, 1.0, 1.0]),
+    ],
 )
 def test_lr_factor(scheduler, expected):
     spec = tiny_spec(training={"scheduler": scheduler, "warmup_steps": 1})

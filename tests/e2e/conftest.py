@@ -21,7 +21,9 @@ DEMO = services.REPO / "akl_core" / "datasets" / "demo" / "train.jsonl"
 def tiny_spec(workdir: Path, *, steps: int = 6, checkpoint_every: int = 3) -> dict:
     """A job on the tiny preset whose training data is a local file (the client uploads it)."""
     train = workdir / "train.jsonl"
-    train.write_text("".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8")
+    train.write_text(
+        "".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8"
+    )
     return {
         "teacher": "preset:tiny",
         "student": {"init": "truncate", "num_layers": 2},
@@ -68,7 +70,9 @@ class Stack:
         return new.key
 
     def log_tail(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(
+            f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log"))
+        )
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -96,11 +95,15 @@ def test_ctrl_c_hands_a_running_job_back_and_the_next_serve_resumes_it(embedded:
     env, data_root = embedded.env, embedded.data_root
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(tiny_spec(tmp_path, steps=400, checkpoint_every=1000)))
     long_id = _akl(["submit", "long.yaml"], env, tmp_path).split()[0]
-    services.wait_for(lambda: (_job_row(data_root, long_id).current_step or 0) >= 2, 90, "the long job to run")
+    services.wait_for(
+        lambda: (_job_row(data_root, long_id).current_step or 0) >= 2, 90, "the long job to run"
+    )
     os.killpg(embedded.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert embedded.proc.wait(timeout=60) == 0, embedded.log.read_text()[-3000:]
     job = _job_row(data_root, long_id)
-    assert (job.status, job.lease_owner, job.attempts) == ("queued", None, 0), embedded.log.read_text()[-3000:]
+    assert (job.status, job.lease_owner, job.attempts) == ("queued", None, 0), embedded.log.read_text()[
+        -3000:
+    ]
     stopped_at = job.current_step
     assert (Path(job.output_dir) / f"checkpoints/step-{stopped_at:08d}").is_dir()
 
@@ -109,7 +112,9 @@ def test_ctrl_c_hands_a_running_job_back_and_the_next_serve_resumes_it(embedded:
     services.wait_for(lambda: (_job_row(data_root, long_id).current_step or 0) > stopped_at, 90, "the resume")
     with embedded.http() as http:
         assert http.post(f"/v1/jobs/{long_id}/cancel").status_code == 200
-        services.wait_for(lambda: http.get(f"/v1/jobs/{long_id}").json()["status"] == "cancelled", 30, "cancel")
+        services.wait_for(
+            lambda: http.get(f"/v1/jobs/{long_id}").json()["status"] == "cancelled", 30, "cancel"
+        )
         steps = [p["step"] for p in http.get(f"/v1/jobs/{long_id}/metrics").json()["data"]]
     assert steps == list(range(1, steps[-1] + 1))  # resumed history: no gaps, no duplicates
     assert steps[-1] > stopped_at

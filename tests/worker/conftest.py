@@ -63,7 +63,9 @@ class Enqueued(list):
 
 
 @pytest.fixture
-def ctx(sf: sessionmaker[Session], tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> WorkerContext:
+def ctx(
+    sf: sessionmaker[Session], tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> WorkerContext:
     monkeypatch.setenv("PYTHONPATH", str(services.REPO))  # the runner child imports tests.worker
     settings = Settings(data_root=tmp_path / "data", database_url=db_url)
     options = WorkerOptions(

@@ -15,14 +15,23 @@ import sys
 import time
 from pathlib import Path
 
+OUT: Path | None = None
+
 
 def emit(event: dict) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+    """Like the real runner: every event to events.jsonl in OUTPUT_DIR, and to stdout."""
+    line = json.dumps(event) + "\n"
+    if OUT is not None:
+        with open(OUT / "events.jsonl", "a") as f:
+            f.write(line)
+    sys.stdout.write(line)
     sys.stdout.flush()
 
 
 def newest_checkpoint(out: Path) -> int:
-    steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "state.json").exists()]
+    steps = [
+        int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "state.json").exists()
+    ]
     return max(steps, default=0)
 
 
@@ -34,7 +43,10 @@ def save_checkpoint(out: Path, step: int) -> str:
 
 
 def main() -> int:
+    global OUT
     spec_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    OUT = out
     fake = json.loads(spec_path.read_text()).get("_fake", {})
     total, step_s = int(fake.get("steps", 10)), float(fake.get("step_s", 0.01))
     every = int(fake.get("checkpoint_every", 0))
@@ -47,7 +59,15 @@ def main() -> int:
         print("some library chatter that is not JSON", flush=True)
     start = newest_checkpoint(out)
     (out / "starts.log").open("a").write(f"{start}\n")
-    emit({"type": "started", "total_steps": total, "resumed_from_step": start, "num_train_examples": 8, "device": "cpu"})
+    emit(
+        {
+            "type": "started",
+            "total_steps": total,
+            "resumed_from_step": start,
+            "num_train_examples": 8,
+            "device": "cpu",
+        }
+    )
     if fake.get("fail"):
         emit({"type": "error", "code": fake["fail"], "message": "fake failure"})
         return 1
@@ -68,8 +88,20 @@ def main() -> int:
         if stop["requested"]:
             emit({"type": "stopped", "step": step, "checkpoint": save_checkpoint(out, step)})
             return 3
-    emit({"type": "eval", "step": total, "rouge_l": 0.25, "rouge_l_std": 0.01, "distinct_1": 0.5,
-          "distinct_2": 0.6, "val_ce": 1.0, "val_kl": float("nan"), "teacher_rouge_l": None, "num_examples": 4})
+    emit(
+        {
+            "type": "eval",
+            "step": total,
+            "rouge_l": 0.25,
+            "rouge_l_std": 0.01,
+            "distinct_1": 0.5,
+            "distinct_2": 0.6,
+            "val_ce": 1.0,
+            "val_kl": float("nan"),
+            "teacher_rouge_l": None,
+            "num_examples": 4,
+        }
+    )
     (out / "final").mkdir(parents=True, exist_ok=True)
     emit({"type": "completed", "step": total, "final_path": "final", "metrics": {"rouge_l": 0.25}})
     return 0

@@ -4,6 +4,7 @@ database, migrated SQLite files, and child processes that are always stopped (pr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,11 +36,15 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def start_group(argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path = REPO):
+def start_group(
+    argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path = REPO
+):
     """A child in its own process group (so ``stop_group`` also stops what it spawned)."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
-        return subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     finally:
         if log:
             out.close()
@@ -66,7 +71,12 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    """A private redis-server on a free port, nothing on disk; yields its URL."""
+    """A private redis-server on a free port, nothing on disk; yields its URL (skips the test
+    when redis-server is not installed)."""
+    if shutil.which("redis-server") is None:
+        import pytest
+
+        pytest.skip("redis-server is not installed")
     port = free_port()
     proc = start_group(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

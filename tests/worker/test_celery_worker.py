@@ -98,8 +98,51 @@ def test_worker_runs_cancels_and_hands_back_jobs_on_shutdown(sf, make_job, worke
         session.get_one(Job, handed_back).spec = {"_fake": {"steps": job.current_step + 20}}
     proc = start_worker(worker_env, tmp_path / "worker2.log")
     try:
-        services.wait_for(lambda: _job(sf, handed_back).status == SUCCEEDED, 60, "job to finish on the new worker")
+        services.wait_for(
+            lambda: _job(sf, handed_back).status == SUCCEEDED, 60, "job to finish on the new worker"
+        )
     finally:
         services.stop_group(proc)
     starts = (Path(job.output_dir) / "starts.log").read_text().split()
     assert starts == ["0", str(job.current_step)]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_killed_worker_job_is_reclaimed_by_another_worker_and_resumed(
+    sf, make_job, worker_env, tmp_path: Path
+):
+    env = {
+        **worker_env,
+        "AKL_WORKER_LEASE_S": "4",
+        "AKL_WORKER_HEARTBEAT_S": "1",
+        "AKL_WORKER_RECONCILE_EVERY_S": "1",
+    }
+    doomed = start_worker(env, tmp_path / "doomed.log")
+    survivor = None
+    try:
+        job_id = make_job({"steps": 150, "step_s": 0.02, "checkpoint_every": 20})
+        _publish(worker_env, job_id)
+        services.wait_for(lambda: _job(sf, job_id).current_step > 45, 30, "job to run")
+        os.kill(doomed.pid, signal.SIGKILL)  # no warm shutdown: the lease is left behind
+        doomed.wait(timeout=10)
+        assert _job(sf, job_id).status == "running"
+        survivor = start_worker(env, tmp_path / "survivor.log")
+        services.wait_for(lambda: _job(sf, job_id).status == SUCCEEDED, 60, "the survivor to finish the job")
+    finally:
+        services.stop_group(doomed)
+        if survivor is not None:
+            services.stop_group(survivor)
+    job = _job(sf, job_id)
+    assert job.attempts == 2 and job.current_step == 150
+    starts = [int(s) for s in (Path(job.output_dir) / "starts.log").read_text().split()]
+    # The orphaned runner got SIGTERM with its worker (a stop checkpoint); the survivor resumed there.
+    assert starts[0] == 0 and starts[1] >= 40, starts
+    with sf() as session:
+        from sqlalchemy import select
+
+        from api.db.models import JobMetric
+
+        steps = session.scalars(
+            select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+        ).all()
+    assert steps == list(range(1, 151))

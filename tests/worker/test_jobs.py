@@ -8,7 +8,18 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from api.db.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, File, Job, JobCheckpoint, JobMetric
+from api.db.models import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    File,
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    JobMetric,
+)
 from worker import leases
 from worker.jobs import run_job
 
@@ -20,7 +31,16 @@ def _job(sf, job_id) -> Job:
 
 def _steps(sf, job_id):
     with sf() as session:
-        return session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+        return session.scalars(
+            select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+        ).all()
+
+
+def _event_types(sf, job_id):
+    with sf() as session:
+        return session.scalars(
+            select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        ).all()
 
 
 def _in_background(job_id, ctx):
@@ -45,10 +65,19 @@ def test_success_records_status_history_and_resolved_spec(sf, make_job, ctx, ten
                          num_examples=1, path=str(data)))  # fmt: skip
     job_id = make_job({"steps": 30, "checkpoint_every": 10})
     with sf() as session, session.begin():
-        session.get_one(Job, job_id).spec = {"data": {"train": "file-abc"}, "_fake": {"steps": 30, "checkpoint_every": 10}}
+        session.get_one(Job, job_id).spec = {
+            "data": {"train": "file-abc"},
+            "_fake": {"steps": 30, "checkpoint_every": 10},
+        }
     assert run_job(job_id, ctx) == "succeeded"
     job = _job(sf, job_id)
-    assert (job.status, job.progress, job.current_step, job.lease_owner, job.attempts) == (SUCCEEDED, 1.0, 30, None, 1)
+    assert (job.status, job.progress, job.current_step, job.lease_owner, job.attempts) == (
+        SUCCEEDED,
+        1.0,
+        30,
+        None,
+        1,
+    )
     assert job.finished_at is not None and job.error_code is None
     assert _steps(sf, job_id) == list(range(1, 31))
     out = Path(job.output_dir)
@@ -56,8 +85,15 @@ def test_success_records_status_history_and_resolved_spec(sf, make_job, ctx, ten
     assert '"train": "' + str(data) in (out / "spec.json").read_text()  # file id -> absolute path
     with sf() as session:
         paths = session.scalars(select(JobCheckpoint.path).where(JobCheckpoint.job_id == job_id)).all()
-    assert sorted(paths) == ["checkpoints/step-00000010", "checkpoints/step-00000020", "checkpoints/step-00000030", "final"]
+    assert sorted(paths) == [
+        "checkpoints/step-00000010",
+        "checkpoints/step-00000020",
+        "checkpoints/step-00000030",
+        "final",
+    ]
     assert run_job(job_id, ctx) == "skipped"  # a redelivered message does not run it again
+    assert _event_types(sf, job_id) == ["running", "started", "checkpoint", "checkpoint", "checkpoint", "eval",
+                                        "completed", "succeeded"]  # fmt: skip
 
 
 def test_runner_error_event_fails_the_job_with_its_code(sf, make_job, ctx):
@@ -103,6 +139,7 @@ def test_worker_shutdown_releases_requeues_and_the_next_run_resumes(sf, make_job
     job = _job(sf, job_id)
     assert (job.status, job.lease_owner, job.attempts) == (QUEUED, None, 0)
     stopped = job.current_step
+    assert _event_types(sf, job_id)[-3:] == ["started", "stopped", "released"]
     ctx.shutdown.clear()
     assert run_job(job_id, ctx) == "succeeded"
     starts = (Path(job.output_dir) / "starts.log").read_text().split()
@@ -133,3 +170,13 @@ def test_a_worker_whose_lease_was_taken_over_stops_and_writes_nothing_more(sf, m
     assert outcome == ["lost"]
     assert _job(sf, job_id).lease_owner == "other-worker"
     assert leases.claim(sf, job_id, "third", lease_s=30) is None
+
+
+def test_an_unwritable_artifact_root_fails_the_job_instead_of_leaving_it_running(sf, make_job, ctx):
+    ctx.settings.artifacts_root.parent.mkdir(parents=True, exist_ok=True)
+    ctx.settings.artifacts_root.write_text("not a folder")
+    job_id = make_job()
+    assert run_job(job_id, ctx) == "failed"
+    job = _job(sf, job_id)
+    assert (job.status, job.error_code, job.lease_owner) == (FAILED, "internal_error", None)
+    assert "could not run the job" in job.error_message

@@ -33,23 +33,28 @@ def test_claim_is_exclusive_until_the_lease_expires(sf, make_job):
     assert leases.claim(sf, job_id, "c", lease_s=30, now=now + timedelta(hours=1)) is None
 
 
+def _race(sf, job_id: str, workers: int = 8) -> list[str]:
+    barrier = threading.Barrier(workers)
+    wins: list[str] = []
+
+    def race(owner: str) -> None:
+        barrier.wait()
+        if leases.claim(sf, job_id, owner, lease_s=30) is not None:
+            wins.append(owner)
+
+    threads = [threading.Thread(target=race, args=(f"w{i}",)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wins
+
+
 def test_concurrent_claims_have_one_winner(sf, make_job):
     """Eight threads, each with its own session and connection, race for the same jobs."""
     for _ in range(5):
         job_id = make_job()
-        barrier = threading.Barrier(8)
-        wins: list[str] = []
-
-        def race(owner: str) -> None:
-            barrier.wait()
-            if leases.claim(sf, job_id, owner, lease_s=30) is not None:
-                wins.append(owner)
-
-        threads = [threading.Thread(target=race, args=(f"w{i}",)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        wins = _race(sf, job_id)
         assert len(wins) == 1
         row = _job(sf, job_id)
         assert row.lease_owner == wins[0] and row.attempts == 1

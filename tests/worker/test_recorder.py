@@ -16,7 +16,9 @@ def _step(step: int, total: int = 20) -> dict:
 
 def _steps(sf, job_id):
     with sf() as session:
-        return session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+        return session.scalars(
+            select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+        ).all()
 
 
 def test_batches_steps_and_records_history(sf, make_job, tmp_path: Path):
@@ -45,7 +47,9 @@ def test_batches_steps_and_records_history(sf, make_job, tmp_path: Path):
         ckpts = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
         # "final" does not exist on disk here, so only the real checkpoint directory remains.
         assert [(c.step, c.path) for c in ckpts] == [(120, "checkpoints/step-00000120")]
-        types = session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        types = session.scalars(
+            select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        ).all()
         assert types == ["started", "checkpoint", "eval", "completed"]
 
 
@@ -77,3 +81,33 @@ def test_a_recorder_that_lost_its_lease_writes_nothing(sf, make_job, tmp_path: P
     rec.add(_step(1))
     rec.flush()
     assert rec.lease_lost and _steps(sf, job_id) == []
+
+
+def test_resume_backfills_history_the_previous_worker_never_recorded(sf, make_job, tmp_path: Path):
+    """The previous worker died holding steps 8..12 in memory; its runner wrote them (and a stop
+    checkpoint) to events.jsonl, and the new run resumes from that checkpoint at step 12."""
+    import json
+
+    job_id = make_job()
+    assert leases.claim(sf, job_id, "me", lease_s=30)
+    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=1000)
+    rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
+    for step in range(1, 8):
+        rec.add(_step(step))
+    rec.flush()
+    (tmp_path / "checkpoints/step-00000012").mkdir(parents=True)
+    lines = [{"type": "started", "total_steps": 20, "resumed_from_step": 0}]
+    lines += [_step(step) | {"loss": 2.0} for step in range(1, 13)]
+    lines += [{"type": "eval", "step": 10, "rouge_l": 0.1}, _step(13)]  # 13: after the checkpoint
+    lines += [{"type": "stopped", "step": 12, "checkpoint": "checkpoints/step-00000012"}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "st')
+    rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 12})
+    assert _steps(sf, job_id) == list(range(1, 13))
+    with sf() as session:
+        losses = session.scalars(
+            select(JobMetric.loss).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+        ).all()
+        assert losses == [1.0] * 7 + [2.0] * 5  # recorded rows kept, missing ones filled in
+        assert session.scalars(select(JobEvaluation.step).where(JobEvaluation.job_id == job_id)).all() == [10]
+        paths = session.scalars(select(JobCheckpoint.path).where(JobCheckpoint.job_id == job_id)).all()
+        assert paths == ["checkpoints/step-00000012"]

@@ -49,7 +49,9 @@ def test_relays_every_event_in_order(tmp_path: Path):
 def test_stop_request_sigterms_child_which_checkpoints(tmp_path: Path):
     started = time.monotonic()
     result, events, _ = _run(
-        tmp_path, {"steps": 10_000, "step_s": 0.02}, should_stop=lambda: "cancelled" if time.monotonic() - started > 1 else None
+        tmp_path,
+        {"steps": 10_000, "step_s": 0.02},
+        should_stop=lambda: "cancelled" if time.monotonic() - started > 1 else None,
     )
     assert result.returncode == 3 and result.stop_reason == "cancelled" and not result.killed
     stopped = result.last_events["stopped"]

@@ -1,0 +1,293 @@
+"""Compare the distillation losses of the paper with the real teacher (issue 6).
+
+SmolLM2-135M-Instruct (30 layers) -> a truncated student (its evenly spaced layers) on the demo data
+(Jane Austen continuations). Every method gets the same budget (steps, batch, lr, data order per
+seed); each (method, seed) run is one child process (memory is returned, one torch thread each) that
+calls ``akl_core.trainer.distill``. The final model is evaluated on the test split by the trainer's
+own evaluation (``data.validation`` is set to the test split; nothing selects checkpoints): Rouge-L
+mean over the sampling seeds, distinct-1/2, and the teacher-forced KL(teacher || student) on the
+test responses. The teacher is scored once with the same prompts and sampling seeds.
+
+  python experiments/compare_losses.py                      # the CPU study (~1 h on 2 free cores)
+  python experiments/compare_losses.py --budget gpu         # a larger budget on one GPU
+  python experiments/compare_losses.py --aggregate-only     # rebuild the table from finished runs
+
+Runs go to out/compare/<method>-s<seed>/ (ignored by git); a finished run (result.json) is skipped
+on re-invocation, so an interrupted study resumes. The summary goes to
+experiments/results/compare_losses.json; ``experiments/plot_gaps.py`` draws the gap histories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("sft", "fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl")
+SUMMARY = ROOT / "experiments" / "results" / "compare_losses.json"
+METRICS = ("rouge_l", "rouge_l_std", "distinct_1", "distinct_2", "val_kl", "val_ce")
+
+# Budgets. "cpu" is sized for ~1 h on 2 free CPU cores with 2 runs in parallel (1 thread each).
+BUDGETS: dict[str, dict] = {
+    "cpu": dict(num_layers=6, steps=30, batch_size=4, grad_accum=1, lr=2e-4, warmup=4, max_length=160,
+                max_prompt_length=112, eval_examples=32, max_new_tokens=32, eval_batch=16, jobs=2,
+                device="cpu", threads=1),
+    "gpu": dict(num_layers=6, steps=1000, batch_size=16, grad_accum=1, lr=2e-4, warmup=50, max_length=256,
+                max_prompt_length=160, eval_examples=100, max_new_tokens=64, eval_batch=50, jobs=1,
+                device="cuda", threads=4),
+}
+
+
+def build_spec(method: str, seed: int, b: dict, eval_split: str = "demo:test"):
+    from akl_core.spec import JobSpec
+
+    return JobSpec.model_validate({
+        "teacher": "preset:smollm2-135m-instruct",
+        "student": {"init": "truncate", "num_layers": b["num_layers"]},
+        "data": {"train": "demo:train", "validation": eval_split, "max_validation_examples": b["eval_examples"]},
+        "loss": {"name": method, "kd_ratio": 0.5, "mu": 0.5, "lam": 0.1},
+        "training": {"max_steps": b["steps"], "batch_size": b["batch_size"], "grad_accum": b["grad_accum"],
+                     "learning_rate": b["lr"], "scheduler": "cosine", "warmup_steps": b["warmup"],
+                     "max_length": b["max_length"], "max_prompt_length": b["max_prompt_length"], "seed": seed,
+                     "precision": "fp32", "teacher_dtype": "fp32"},
+        "evaluation": {"num_examples": b["eval_examples"], "seeds": [10, 20, 30, 40, 50],
+                       "max_new_tokens": b["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                       "batch_size": b["eval_batch"], "teacher_reference": False},
+        "checkpointing": {"every_steps": 0, "keep": 1},
+        "resources": {"device": b["device"]},
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# one run / the teacher line (child processes)
+
+
+def run_one(method: str, seed: int, b: dict, out: Path, models_root: Path) -> None:
+    import torch
+
+    from akl_core.trainer import distill
+
+    torch.set_num_threads(b["threads"])
+    t0 = time.perf_counter()
+    spec = build_spec(method, seed, b)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(spec.model_dump_json(indent=1))
+    distill(spec, out, resume=False, models_root=models_root, allow_hub=False)
+    result = json.loads((out / "result.json").read_text())
+    result["wall_s"] = time.perf_counter() - t0
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    # Weights are not needed for the study: drop them (0.2 GB per run).
+    for f in (out / "final").glob("*.safetensors"):
+        f.unlink()
+
+
+def run_teacher(b: dict, out: Path, models_root: Path) -> None:
+    """The teacher's line: the trainer's evaluation applied to the teacher itself (KL 0 by definition)."""
+    import torch
+
+    from akl_core import data, evaluation, models
+
+    torch.set_num_threads(b["threads"])
+    t0 = time.perf_counter()
+    spec = build_spec("fkl", 0, b)
+    path = models.resolve_model_ref(spec.teacher, models_root=models_root, allow_hub=False)
+    tok = models.load_tokenizer(path)
+    teacher = models.load_teacher(path, dtype=torch.float32, device=b["device"])
+    examples = data.read_examples(spec.data.validation, limit=spec.data.max_validation_examples)
+    metrics = evaluation.evaluate_model(teacher, tok, examples, spec.evaluation, teacher=None,
+                                        max_length=spec.training.max_length,
+                                        max_prompt_length=spec.training.max_prompt_length, device=b["device"])
+    metrics.update(val_kl=0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"status": "completed", "metrics": metrics,
+                                                 "wall_s": time.perf_counter() - t0}, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# the study
+
+
+def queue(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Seed-major order: every method's first seed finishes before any second seed starts, so a
+    study cut short still compares all methods on the seeds it has."""
+    return [("teacher", 0)] + [(m, s) for s in seeds for m in methods]
+
+
+def run_dir(out_root: Path, method: str, seed: int) -> Path:
+    return out_root / ("teacher" if method == "teacher" else f"{method}-s{seed}")
+
+
+def launch(method: str, seed: int, args, out_root: Path) -> subprocess.Popen:
+    d = run_dir(out_root, method, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    threads = str(BUDGETS[args.budget]["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--budget", args.budget, "--out", str(out_root), "--models-root",
+           str(args.models_root), "--child", method, str(seed), *_overrides(args)]
+    log = open(d / "run.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def run_study(args, out_root: Path) -> None:
+    todo = [(m, s) for m, s in queue(args.methods, args.seeds)
+            if not (run_dir(out_root, m, s) / "result.json").is_file()]
+    print(f"{len(todo)} runs to do -> {out_root}", flush=True)
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    jobs = args.jobs or BUDGETS[args.budget]["jobs"]
+
+    def stop_children(signum, frame):  # SIGTERM / Ctrl-C: the runs in flight go too
+        for _, _, proc, _ in running:
+            proc.terminate()
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
+    while todo or running:
+        while todo and len(running) < jobs:
+            m, s = todo.pop(0)
+            running.append((m, s, launch(m, s, args, out_root), time.time()))
+            print(f"{time.strftime('%H:%M:%S')} start {m} seed {s}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            m, s, p, t0 = item
+            if p.poll() is not None:
+                running.remove(item)
+                print(f"{time.strftime('%H:%M:%S')} done {m} seed {s} rc={p.returncode} {time.time() - t0:.0f}s",
+                      flush=True)
+        aggregate(args, out_root, quiet=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation
+
+
+def _events(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _change(history: list[float], first: int = 3, last: int = 5) -> float:
+    """Mean of the last steps / mean of the first steps: < 1 means the gap closed (per-step
+    values are on different batches, hence the averages)."""
+    return statistics.fmean(history[-last:]) / statistics.fmean(history[:first])
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
+    b = {**BUDGETS[args.budget], **_override_values(args)}
+    summary: dict = {"budget": args.budget, "config": b, "methods": {}, "runs": {}, "teacher": None}
+    teacher = run_dir(out_root, "teacher", 0) / "result.json"
+    if teacher.is_file():
+        tm = json.loads(teacher.read_text())["metrics"]
+        summary["teacher"] = {k: tm.get(k) for k in (*METRICS, "rouge_l_per_seed")}
+    for m in args.methods:
+        per_seed = {}
+        for s in args.seeds:
+            d = run_dir(out_root, m, s)
+            if not (d / "result.json").is_file():
+                continue
+            res = json.loads((d / "result.json").read_text())
+            steps = [e for e in _events(d / "events.jsonl") if e.get("type") == "step"]
+            per_seed[s] = {
+                **{k: res["metrics"].get(k) for k in (*METRICS, "rouge_l_per_seed")},
+                "wall_s": res.get("wall_s"),
+                "history": {k: [e.get(k) for e in steps] for k in ("step", "loss", "ce", "kd", "g_head", "g_tail",
+                                                                   "w_head", "fkl", "rkl")},
+            }
+        summary["runs"][m] = per_seed
+        if per_seed:
+            summary["methods"][m] = {k: _mean_std([r[k] for r in per_seed.values()]) for k in METRICS}
+            summary["methods"][m]["gap_change"] = {
+                k: _mean_std([_change(r["history"][k]) for r in per_seed.values()]) for k in ("g_head", "g_tail")}
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY.write_text(json.dumps(summary, indent=1))
+    if not quiet:
+        print(table(summary))
+    return summary
+
+
+def table(summary: dict) -> str:
+    rows = ["| Method | seeds | Rouge-L | distinct-1 | distinct-2 | KL(teacher‖student) | student CE |",
+            "|---|---|---|---|---|---|---|"]
+    t = summary.get("teacher")
+    if t:
+        rows.append(f"| Teacher | - | {t['rouge_l']:.2f} (± {t['rouge_l_std']:.2f} over sampling seeds) | "
+                    f"{t['distinct_1']:.3f} | {t['distinct_2']:.3f} | 0 | {t['val_ce']:.3f} |")
+    names = {"sft": "SFT", "fkl": "FKL", "rkl": "RKL", "fkl_rkl": "FKL+RKL", "akl": "AKL", "akl_r": "AKL-r",
+             "skl": "SKL", "srkl": "SRKL"}
+    for m, agg in summary["methods"].items():
+        def f(k: str, d: int) -> str:
+            return f"{agg[k]['mean']:.{d}f} ± {agg[k]['std']:.{d}f}"
+        rows.append(f"| {names.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} | {f('distinct_1', 3)} | "
+                    f"{f('distinct_2', 3)} | {f('val_kl', 3)} | {f('val_ce', 3)} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+OVERRIDABLE = ("steps", "batch_size", "lr", "max_length", "eval_examples", "max_new_tokens", "num_layers")
+
+
+def _override_values(args) -> dict:
+    return {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
+
+
+def _overrides(args) -> list[str]:
+    return [x for k, v in _override_values(args).items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds")
+    p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the budget's)")
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "compare")
+    p.add_argument("--models-root", type=Path, default=ROOT / "out" / "models")
+    p.add_argument("--aggregate-only", action="store_true")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--eval-examples", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--num-layers", type=int)
+    args = p.parse_args(argv)
+    b = {**BUDGETS[args.budget], **_override_values(args)}
+    if args.child:
+        method, seed = args.child[0], int(args.child[1])
+        d = run_dir(args.out, method, seed)
+        if method == "teacher":
+            run_teacher(b, d, args.models_root)
+        else:
+            run_one(method, seed, b, d, args.models_root)
+        return
+    if args.aggregate_only:
+        aggregate(args, args.out)
+        return
+    from akl_core import models
+
+    models.prepare_preset(models.SMOLLM2, args.models_root)  # converts the GGUF once if needed
+    t0 = time.time()
+    run_study(args, args.out)
+    print(f"study finished in {time.time() - t0:.0f}s", flush=True)
+    aggregate(args, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""What can be checked of the Docker deployment without a Docker engine: the compose file's shape,
+the Dockerfile's inputs, and that the API image's install (no torch) runs the API."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+from tests.worker import services
+
+REPO = services.REPO
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+WORKER_ONLY = {"torch", "transformers", "accelerate", "safetensors", "gguf", "rouge-score", "numpy"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def _api_requirements() -> list[str]:
+    """Run the Dockerfile's own filter command (the `python -c` of the api stage) in the repo."""
+    line = next(ln for ln in DOCKERFILE.splitlines() if "api-requirements.txt" in ln and "tomllib" in ln)
+    command = line.removeprefix("RUN ").split(" > ")[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"]
+    done = subprocess.run(
+        [sys.executable, "-c", argv[2]], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return done.stdout.split("\n")
+
+
+def test_compose_services_healthchecks_and_order():
+    services_ = COMPOSE["services"]
+    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services_)
+    for name in ("postgres", "redis", "api", "worker"):
+        assert services_[name]["healthcheck"]["test"], name
+    assert services_["migrate"]["command"] == ["akl", "migrate"] and services_["migrate"]["restart"] == "no"
+    assert services_["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        deps = services_[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully"
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert "data:/data" in services_[name]["volumes"]  # one artifact root for API and workers
+    gpu = services_["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    assert "-Q" in services_["worker-cpu"]["command"] and "cpu" in services_["worker-cpu"]["command"]
+    assert set(COMPOSE["volumes"]) >= {"pgdata", "data"}
+
+
+def test_compose_targets_exist_and_settings_validate_in_production():
+    targets = set(re.findall(r"^FROM \S+ AS (\w+)", DOCKERFILE, flags=re.M))
+    for name, service in COMPOSE["services"].items():
+        if "build" in service:
+            assert service["build"]["target"] in targets, name
+    from api.core.config import Settings
+
+    env = dict(COMPOSE["services"]["api"]["environment"])
+    env["AKL_DATABASE_URL"] = re.sub(r"\$\{POSTGRES_PASSWORD:\?[^}]*\}", "secret", env["AKL_DATABASE_URL"])
+    env["AKL_ALLOW_HUB"] = "false"
+    settings = Settings(**{k.removeprefix("AKL_").lower(): v for k, v in env.items()})
+    assert settings.environment == "production" and settings.broker_url.startswith("redis://")
+
+
+def test_compose_config_validates_when_docker_compose_is_installed(tmp_path: Path):
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed here")
+    done = subprocess.run(
+        [docker, "compose", "-f", str(REPO / "docker-compose.yml"), "config", "--quiet"],
+        env={"POSTGRES_PASSWORD": "x", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_dockerfile_copies_what_exists_and_installs_like_ci():
+    for line in DOCKERFILE.splitlines():
+        if line.startswith("COPY "):
+            sources = line.split()[1:-1]
+            assert all((REPO / s).exists() or "[" in s for s in sources), sources  # globs may be empty
+            assert any((REPO / s).exists() for s in sources), sources
+    run_sh = (REPO / "run.sh").read_text()
+    for step in ("install -q -r requirements/torch-cpu.txt", "-c requirements/torch-cpu.txt",
+                 "--no-deps -r requirements/teacher.txt"):  # fmt: skip
+        assert step in DOCKERFILE and step in run_sh, step
+
+
+def test_api_requirements_drop_exactly_the_training_stack():
+    api = [r for r in _api_requirements() if r]
+    names = {_name(r) for r in api}
+    assert not names & WORKER_ONLY
+    assert {"fastapi", "sqlalchemy", "celery[redis]".split("[")[0], "psycopg", "alembic"} <= names
+    every = {
+        _name(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    assert every - names == WORKER_ONLY & every  # nothing else is left out
+
+
+def test_the_api_and_the_cli_run_without_the_training_stack(tmp_path: Path):
+    """What the API image can do: serve uploads and job submission with torch & co. unimportable."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {sorted(m.replace("-", "_") for m in WORKER_ONLY)!r}:
+                    raise ImportError("blocked in the API image: " + name)
+
+        sys.meta_path.insert(0, Block())
+        from fastapi.testclient import TestClient
+        from akl_cli.main import app as cli  # the `akl migrate` / `akl keys` entry point
+        from api.core.config import Settings
+        from api.crud import api_keys
+        from api.db.session import get_engine, migrate, session_factory
+        from api.main import create_app
+
+        settings = Settings(data_root={str(tmp_path)!r})
+        migrate(settings.database_url)
+        with session_factory(get_engine(settings.database_url))() as s:
+            _, key = api_keys.create_key(session=s, tenant_name="t")
+            s.commit()
+        client = TestClient(create_app(settings), headers={{"Authorization": "Bearer " + key.key}})
+        line = b'{{"prompt": "Say hi", "response": "hi"}}\\n'
+        up = client.post("/v1/files", files={{"file": ("t.jsonl", line * 3)}}, data={{"purpose": "train"}})
+        assert up.status_code == 201, up.text
+        job = client.post("/v1/jobs", json={{"teacher": "preset:tiny", "data": {{"train": up.json()["id"]}}}})
+        assert job.status_code == 201 and job.json()["status"] == "queued", job.text
+        print("API-OK", sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "API-OK []" in done.stdout, done.stderr[-3000:]
