@@ -40,7 +40,8 @@ STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 _AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
 # AKL's head candidates: the 8, then 64, blocks of 64 tokens with the largest logits (head_gap)
 _BLOCK, _BLOCKS = 64, (8, 64)
-_TOPK_LAST = 4096  # then a top-k of p for the rows left, then a full sort
+_TOPK_LAST = 4096  # then a logit histogram and a top-k (k <= this) for the rows left, then a full sort
+_BUCKET_WIDTH, _NBUCKETS = 0.25, 64  # the histogram: buckets of z_max - z (nats), the last open
 
 
 @dataclass(frozen=True)
@@ -241,10 +242,8 @@ def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
             sub = todo.numel() < n
             done = _head_from_blocks(rows, mu, g_head, size, todo, bmax[todo] if sub else bmax, blocks, keep)
             todo = todo[~done]
-    if todo.numel() > 0 and v > _TOPK_LAST:  # very flat rows: a top-k (5x cheaper than a sort)
-        p_top, idx = rows.p[todo].topk(_TOPK_LAST, dim=-1)
-        exact = torch.ones_like(p_top, dtype=torch.bool)
-        done = _head_of_sorted(p_top, rows.q[todo].gather(-1, idx), mu, g_head, size, todo, exact)
+    if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: a logit histogram, then a top-k
+        done = _head_from_buckets(rows, mu, g_head, size, todo)
         todo = todo[~done]
     if todo.numel() > 0:  # full sort of what is left
         p_top, idx = rows.p[todo].sort(-1, descending=True)
@@ -287,22 +286,50 @@ def _head_of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact) -> Tensor:
     return done
 
 
+def _head_from_buckets(rows: _Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor) -> Tensor:
+    """Stage of head_gap for flat rows: bucket the tokens by z_max - z (width _BUCKET_WIDTH).
+
+    One weighted bincount gives the mass and the count of each bucket; the first bucket where
+    the cumulative mass exceeds mu holds the boundary, so the top-k by logit with k = the count
+    of tokens up to that bucket (at most _TOPK_LAST) is an exact prefix of the full sort that
+    contains it. Rows whose k is larger, or whose sums round the other way, are left undone.
+    """
+    r, v = todo.numel(), rows.p.shape[1]
+    nb = _NBUCKETS
+    z = rows.z_t.index_select(0, todo)
+    b = (z.amax(-1, keepdim=True) - z).mul_(1.0 / _BUCKET_WIDTH)
+    b = b.nan_to_num_(nan=nb - 1, posinf=nb - 1).clamp_(0, nb - 1).to(torch.long)
+    b += torch.arange(0, r * nb, nb, device=b.device)[:, None]
+    b = b.flatten()
+    mass = torch.bincount(b, weights=rows.p.index_select(0, todo).flatten(), minlength=r * nb).view(r, nb)
+    count = torch.bincount(b, minlength=r * nb).view(r, nb)
+    last = (mass.cumsum(-1) <= mu).sum(-1, keepdim=True).clamp_(max=nb - 1)  # boundary bucket
+    need = count.cumsum(-1).gather(-1, last).squeeze(1)  # tokens up to that bucket
+    k = int(min(int(need.max()), _TOPK_LAST, v))
+    _, cols = z.topk(k, dim=-1)  # sorted by logit, so by p
+    p_c, q_c = rows.p[todo[:, None], cols], rows.q[todo[:, None], cols]
+    exact = torch.arange(k, device=z.device) < need[:, None]
+    return _head_of_sorted(p_c, q_c, mu, g_head, size, todo, exact)
+
+
 def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int) -> Tensor:
     """One stage of head_gap over rows ``todo``, candidates from the top ``blocks`` blocks."""
     v = rows.p.shape[1]
     everything = todo.numel() == rows.p.shape[0]
-    z, p, q = (rows.z_t, rows.p, rows.q) if everything else (rows.z_t[todo], rows.p[todo], rows.q[todo])
     top_b, bidx = bmax.topk(blocks + 1, dim=-1)  # (R, blocks + 1)
     bound = top_b[:, -1:]  # the largest logit outside the candidate blocks
-    cols = (bidx[:, :-1, None] * _BLOCK + torch.arange(_BLOCK, device=z.device)).flatten(1)
+    cols = (bidx[:, :-1, None] * _BLOCK + torch.arange(_BLOCK, device=bmax.device)).flatten(1)
     inside = cols < v  # the last block may be short
     cols = cols.clamp_(max=v - 1)
-    cand = z.gather(-1, cols).masked_fill_(~inside, -math.inf)
+    # gather the candidates straight from the full (R, V) tensors: copying the rows left
+    # (rows.p[todo], ...) cost more than the whole search
+    r_idx = slice(None) if everything else todo[:, None]
+    cand = rows.z_t[r_idx, cols].masked_fill_(~inside, -math.inf)
     cand, order = cand.topk(min(keep, cand.shape[1]), dim=-1)  # sorted; cheaper than a sort
     cols = cols.gather(-1, order)
     pad = cand == -math.inf
-    p_c = p.gather(-1, cols).masked_fill_(pad, 0.0)
-    q_c = q.gather(-1, cols).masked_fill_(pad, 0.0)
+    p_c = rows.p[r_idx, cols].masked_fill_(pad, 0.0)
+    q_c = rows.q[r_idx, cols].masked_fill_(pad, 0.0)
     return _head_of_sorted(p_c, q_c, mu, g_head, size, todo, cand > bound)
 
 

@@ -236,13 +236,16 @@ def micro_loss(
             out = fused_fn(kd_name, s_out, s_head.weight[:vocab], t_out, t_w, targets, **opts)
     else:
         ce_sum = F.cross_entropy(s_out.float(), targets, reduction="sum")
-        s_logits, t_logits = s_out[:, :vocab], t_out[:, :vocab]
+        # slice only a padded vocabulary: a no-op slice would still cost a copy downstream
+        s_logits = s_out if s_out.shape[-1] == vocab else s_out[:, :vocab]
+        t_logits = t_out if t_out.shape[-1] == vocab else t_out[:, :vocab]
         del s_out, t_out
         with torch.set_grad_enabled(loss.name != "sft" and torch.is_grad_enabled()):
             out = divergences.compute(kd_name, s_logits, t_logits, targets, **opts)
         del s_logits, t_logits
     kd_sum = out.loss_sum if loss.name != "sft" else ce_sum.new_zeros(())
-    stats_sum = {k: float(out.stats.get(k, 0.0)) * n for k in GAP_KEYS}
+    # stats are means over the divergence's own valid tokens: weight them by that count
+    stats_sum = {k: float(out.stats.get(k, 0.0)) * out.num_tokens for k in GAP_KEYS}
     return ce_sum, kd_sum, stats_sum, n
 
 
@@ -552,6 +555,8 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
     )
     if latest is not None:
         sink.log(f"resumed from {latest.relative_to(output_dir)}")
+    if not s.validation:
+        sink.log("no validation data (data.validation): evaluation is skipped", "warning")
     last_ckpt: str | None = str(latest.relative_to(output_dir)) if latest is not None else None
     last_ckpt_step = state.step if latest is not None else -1
     metrics: dict[str, Any] = {}

@@ -203,6 +203,9 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
             per_seed[s] = {
                 **{k: res["metrics"].get(k) for k in (*METRICS, "rouge_l_per_seed")},
                 "wall_s": res.get("wall_s"),
+                # Runs started before spec.json was saved used an evaluation batch of 8.
+                "eval_batch": (json.loads((d / "spec.json").read_text())["evaluation"]["batch_size"]
+                               if (d / "spec.json").is_file() else 8),
                 "history": {k: [e.get(k) for e in steps] for k in ("step", "loss", "ce", "kd", "g_head", "g_tail",
                                                                    "w_head", "fkl", "rkl")},
             }

@@ -45,7 +45,9 @@ FAST_WORKER = {
 }
 
 
-def tiny_job(workdir: Path, *, steps: int, checkpoint_every: int = 0, examples: int = 32, **extra: Any) -> dict:
+def tiny_job(
+    workdir: Path, *, steps: int, checkpoint_every: int = 0, examples: int = 32, **extra: Any
+) -> dict:
     """A cpu job on the tiny preset; its training data is an uploaded file (see ``Stack.submit``)."""
     train = workdir / "train.jsonl"
     lines = DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:examples]
@@ -70,24 +72,27 @@ def tiny_job(workdir: Path, *, steps: int, checkpoint_every: int = 0, examples: 
 class RedisServer:
     """A private redis-server on a fixed free port that can be killed and started again."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, password: str | None = None):
         self.port = services.free_port()
         self.log = log
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self):
         import redis
 
-        return redis.Redis(port=self.port, socket_timeout=3, socket_connect_timeout=3)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=3, socket_connect_timeout=3)
 
     def start(self) -> None:
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = services.start_group(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
+             "--appendonly", "no", "--daemonize", "no", *auth],
             log=self.log,
         )  # fmt: skip
         services.wait_for(lambda: self.client().ping(), 15, "redis-server")
@@ -247,7 +252,9 @@ class Stack:
 
         with session_factory(self.engine)() as session:
             return list(
-                session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step))
+                session.scalars(
+                    select(JobMetric.step).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+                )
             )
 
     def new_key(self, tenant: str) -> str:

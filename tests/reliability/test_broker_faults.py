@@ -73,7 +73,9 @@ def test_redis_restart_readyz_503_then_recovers_and_workers_reconnect(stack: Sta
 
         stack.redis.start()
         services.wait_for(lambda: _readyz(stack)[0] == 200, 30, "/readyz to recover")
-        job = stack.wait_job(job_id, lambda j: j.status == "succeeded", 180, "the job submitted during the outage")
+        job = stack.wait_job(
+            job_id, lambda j: j.status == "succeeded", 180, "the job submitted during the outage"
+        )
         assert job.attempts == 1
         # A job submitted after the restart is delivered by the broker, run by the same worker.
         again = stack.submit(http, tiny_job(tmp_path, steps=2))

@@ -32,13 +32,19 @@ def test_dropped_database_connections_503_then_recovery_without_restart(stack: S
         ready = httpx.get(f"{stack.url}/readyz", timeout=15)
         assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok", ready.text
         assert ready.json()["checks"]["broker"] == "ok"
-        for method, path in (("GET", f"/v1/jobs/{job_id}"), ("GET", "/v1/jobs"), ("POST", f"/v1/jobs/{job_id}/cancel")):
+        for method, path in (
+            ("GET", f"/v1/jobs/{job_id}"),
+            ("GET", "/v1/jobs"),
+            ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ):
             r = http.request(method, path)
             assert r.status_code == 503 and "database" in r.json()["detail"], (method, path, r.text)
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_at)))  # the runner trains on meanwhile
 
         stack.db_proxy.restore()
-        services.wait_for(lambda: httpx.get(f"{stack.url}/readyz").status_code == 200, 30, "/readyz to recover")
+        services.wait_for(
+            lambda: httpx.get(f"{stack.url}/readyz").status_code == 200, 30, "/readyz to recover"
+        )
         assert http.get(f"/v1/jobs/{job_id}").status_code == 200
 
     job = stack.wait_job(job_id, lambda j: j.status == "succeeded", 180, "the job to finish after the outage")

@@ -59,7 +59,9 @@ def models_root(models_root: Path, tmp_path: Path) -> Path:
     pickled = root / "evil-pickle"
     shutil.copytree(tiny, pickled)
     (pickled / "model.safetensors").unlink()
-    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"model": _Payload(tmp_path / "pwned-by-pickle")}))
+    (pickled / "pytorch_model.bin").write_bytes(
+        pickle.dumps({"model": _Payload(tmp_path / "pwned-by-pickle")})
+    )
     return root
 
 

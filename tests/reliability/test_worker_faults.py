@@ -24,7 +24,7 @@ def _started_events(output_dir: str) -> list[int]:
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint_without_gaps_or_duplicates(
     stack: Stack, tmp_path: Path
 ):
-    steps, every = 24, 4
+    steps, every = 16, 4
     with stack.http(stack.new_key("alice")) as http:
         job_id = stack.submit(http, tiny_job(tmp_path, steps=steps, checkpoint_every=every))
         doomed = stack.start_worker("doomed")
@@ -52,7 +52,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint_without_gaps_or_d
 
 
 def test_sigterm_checkpoints_hands_the_job_back_and_exits(stack: Stack, tmp_path: Path):
-    steps = 20
+    steps = 12
     with stack.http(stack.new_key("bob")) as http:
         job_id = stack.submit(http, tiny_job(tmp_path, steps=steps, checkpoint_every=0))
         worker = stack.start_worker("deployed")

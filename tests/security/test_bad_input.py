@@ -20,7 +20,9 @@ GOOD = b'{"prompt": "Say hi.", "response": "Hi!"}\n'
 
 
 def _upload(client: TestClient, headers: dict[str, str], content: bytes, name: str = "d.jsonl"):
-    return client.post("/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": "train"})
+    return client.post(
+        "/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": "train"}
+    )
 
 
 def _job(**overrides: Any) -> dict[str, Any]:
@@ -87,7 +89,9 @@ def test_malformed_jsonl_is_400_naming_the_problem(case, client, headers, settin
     _unharmed(client, headers, settings, stored)
 
 
-@pytest.mark.parametrize("name", ["../../../etc/cron.d/evil", "/etc/passwd", "..", "C:\\x\\..\\..\\evil", "a\x00b"])
+@pytest.mark.parametrize(
+    "name", ["../../../etc/cron.d/evil", "/etc/passwd", "..", "C:\\x\\..\\..\\evil", "a\x00b"]
+)
 def test_upload_names_never_choose_where_bytes_are_stored(name, client, headers, settings) -> None:
     response = _upload(client, headers, GOOD, name=name)
     assert response.status_code == 201, response.text
@@ -173,8 +177,12 @@ def test_model_references_outside_the_models_root_are_refused(ref, field, client
     _unharmed(client, headers, settings, stored)
 
 
-@pytest.mark.parametrize("ref", ["/etc/passwd", "../files/x.jsonl", "demo:../x", "file-../../x", "https://x/y.jsonl"])
-def test_data_references_are_file_ids_of_this_tenant(ref, client, headers, make_key, settings, stored) -> None:
+@pytest.mark.parametrize(
+    "ref", ["/etc/passwd", "../files/x.jsonl", "demo:../x", "file-../../x", "https://x/y.jsonl"]
+)
+def test_data_references_are_file_ids_of_this_tenant(
+    ref, client, headers, make_key, settings, stored
+) -> None:
     response = client.post("/v1/jobs", headers=headers, json=_job(data={"train": ref}))
     assert response.status_code in (404, 422), response.text
     assert "data.train" in response.text
