@@ -18,8 +18,8 @@ How it is computed (the same for every name):
 - The fast formulas skip the guards that -inf logits (masked vocabulary) need; a chunk whose
   result holds a NaN is recomputed with the guarded ones.
 - AKL's head needs no full-vocabulary sort: it is a prefix of the sorted p, found among the
-  tokens of the few vocabulary blocks with the largest logits (see ``head_gap``), with a top-k
-  and then a full sort for the rare rows those do not settle.
+  tokens of the few vocabulary blocks with the largest logits (see ``head_gap``), with a logit
+  histogram (only its boundary bucket sorted) and then a full sort for the rows those do not settle.
 - Temperature: the loss is the divergence between the tempered distributions, without the
   T**2 factor of Hinton et al.; multiply by T**2 yourself to keep gradient scales across T.
 """
@@ -40,8 +40,11 @@ STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 _AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
 # AKL's head candidates: the 8, then 64, blocks of 64 tokens with the largest logits (head_gap)
 _BLOCK, _BLOCKS = 64, (8, 64)
-_TOPK_LAST = 4096  # then a logit histogram and a top-k (k <= this) for the rows left, then a full sort
-_BUCKET_WIDTH, _NBUCKETS = 0.25, 64  # the histogram: buckets of z_max - z (nats), the last open
+# with the histogram after them (V > _TOPK_LAST) only the first block stage pays: the second
+# settled ~15% of the rows it was given and cost more than the histogram does for them
+_BLOCK_STAGES_BEFORE_BUCKETS = 1
+_TOPK_LAST = 4096  # then a logit histogram (for V > this; see _head_from_buckets), then a full sort
+_BUCKET_WIDTH, _NBUCKETS = 1.0 / 256, 4096  # the histogram: buckets of z_max - z (nats), the last open
 
 
 @dataclass(frozen=True)
@@ -220,8 +223,9 @@ def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
     largest teacher logits. Every token above the largest logit of the other blocks is among
     them, so the sorted candidates above that bound are exactly the top of the full sort; a row
     is settled when its boundary (the first c_i > mu) lies in that exact prefix. Stages: rows
-    with top-1 p > mu (head = top-1), the top 64 tokens of 8 blocks, then the top 512 of 64
-    blocks for the rows left, then a top-4096 of p, then a full sort.
+    with top-1 p > mu (head = top-1), the top 64 tokens of 8 blocks, then (V <= _TOPK_LAST) the
+    top 512 of 64 blocks or (larger V) a logit histogram (``_head_from_buckets``) for the rows
+    left, then a full sort.
     """
     n, v = rows.p.shape
     g_head = rows.p.new_zeros(n)
@@ -236,13 +240,14 @@ def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
             bmax = torch.cat([bmax, z[:, full:].amax(-1, keepdim=True)], dim=-1)
         if full == v:
             todo = _head_of_one(rows, mu, g_head, size, bmax)
-        for blocks, keep in zip(_BLOCKS, (64, 512), strict=True):
+        stages = _BLOCKS if v <= _TOPK_LAST else _BLOCKS[:_BLOCK_STAGES_BEFORE_BUCKETS]
+        for blocks, keep in zip(stages, (64, 512)[: len(stages)], strict=True):
             if todo.numel() == 0 or nb <= blocks:
                 break
             sub = todo.numel() < n
             done = _head_from_blocks(rows, mu, g_head, size, todo, bmax[todo] if sub else bmax, blocks, keep)
             todo = todo[~done]
-    if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: a logit histogram, then a top-k
+    if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: a logit histogram
         done = _head_from_buckets(rows, mu, g_head, size, todo)
         todo = todo[~done]
     if todo.numel() > 0:  # full sort of what is left
@@ -287,29 +292,58 @@ def _head_of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact) -> Tensor:
 
 
 def _head_from_buckets(rows: _Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor) -> Tensor:
-    """Stage of head_gap for flat rows: bucket the tokens by z_max - z (width _BUCKET_WIDTH).
+    """Stage of head_gap for flat rows: a histogram of z_max - z, no top-k over the row.
 
-    One weighted bincount gives the mass and the count of each bucket; the first bucket where
-    the cumulative mass exceeds mu holds the boundary, so the top-k by logit with k = the count
-    of tokens up to that bucket (at most _TOPK_LAST) is an exact prefix of the full sort that
-    contains it. Rows whose k is larger, or whose sums round the other way, are left undone.
+    Tokens go to buckets of _BUCKET_WIDTH nats below the row's largest logit (the last bucket,
+    _NBUCKETS - 1, is open). Weighted bincounts give each bucket's mass, |p - q| sum and count.
+    In sorted order the buckets are consecutive runs, so every token of a bucket before the one
+    where the cumulative mass first exceeds mu is in the head, every token after it is in the
+    tail, and only the boundary bucket's few tokens are sorted (a top-k of at most _TOPK_LAST)
+    and cut by the cumulative rule. Rows whose boundary lies in the open bucket, whose boundary
+    bucket is too large, or whose sums round the other way are left undone (the full sort).
+    Returns the rows settled (a mask over ``todo``).
     """
-    r, v = todo.numel(), rows.p.shape[1]
+    r = todo.numel()
     nb = _NBUCKETS
     z = rows.z_t.index_select(0, todo)
-    b = (z.amax(-1, keepdim=True) - z).mul_(1.0 / _BUCKET_WIDTH)
-    b = b.nan_to_num_(nan=nb - 1, posinf=nb - 1).clamp_(0, nb - 1).to(torch.long)
-    b += torch.arange(0, r * nb, nb, device=b.device)[:, None]
-    b = b.flatten()
-    mass = torch.bincount(b, weights=rows.p.index_select(0, todo).flatten(), minlength=r * nb).view(r, nb)
-    count = torch.bincount(b, minlength=r * nb).view(r, nb)
-    last = (mass.cumsum(-1) <= mu).sum(-1, keepdim=True).clamp_(max=nb - 1)  # boundary bucket
-    need = count.cumsum(-1).gather(-1, last).squeeze(1)  # tokens up to that bucket
-    k = int(min(int(need.max()), _TOPK_LAST, v))
-    _, cols = z.topk(k, dim=-1)  # sorted by logit, so by p
-    p_c, q_c = rows.p[todo[:, None], cols], rows.q[todo[:, None], cols]
-    exact = torch.arange(k, device=z.device) < need[:, None]
-    return _head_of_sorted(p_c, q_c, mu, g_head, size, todo, exact)
+    p = rows.p.index_select(0, todo)
+    e = rows.q.index_select(0, todo).sub_(p).abs_()  # |p - q|
+    f = (z.amax(-1, keepdim=True) - z).mul_(1.0 / _BUCKET_WIDTH).floor_()
+    f = f.nan_to_num_(nan=nb - 1, posinf=nb - 1).clamp_(0, nb - 1).to(torch.long)
+    ids = (f + torch.arange(0, r * nb, nb, device=f.device)[:, None]).flatten()
+    dt = torch.float64  # the bucket sums, accumulated in double
+
+    def per_bucket(w: Tensor | None) -> Tensor:
+        out = torch.bincount(ids, weights=None if w is None else w.flatten(), minlength=r * nb)
+        return out.view(r, nb).to(dt).cumsum(-1)
+
+    mass, gap, count = per_bucket(p), per_bucket(e), per_bucket(None)
+    last = (mass <= mu).sum(-1, keepdim=True)  # the first bucket whose cumulative mass > mu
+    ok = last < nb - 1
+    last = last.clamp_(max=nb - 1)
+    prev = (last - 1).clamp_(min=0)
+
+    def before(c: Tensor) -> Tensor:  # cumulative sum over the buckets before ``last``
+        return torch.where(last > 0, c.gather(-1, prev), 0.0)
+
+    m0, g0, n0 = before(mass), before(gap), before(count)
+    n_last = count.gather(-1, last) - n0
+    k = int(min(max(int(n_last.max()), 1), _TOPK_LAST))
+    ok &= n_last <= k
+    in_last = f == last
+    zf, cols = z.masked_fill_(~in_last, -math.inf).topk(k, dim=-1)  # the boundary bucket, sorted
+    pad = ~in_last.gather(-1, cols)
+    p_f = p.gather(-1, cols).masked_fill_(pad, 0.0)
+    e_f = e.gather(-1, cols).masked_fill_(pad, 0.0)
+    cum = p_f.to(dt).cumsum(-1) + m0
+    head = (cum <= mu) & ~pad
+    head[:, 0] |= n0[:, 0] == 0  # the top-1 token is always in the head
+    ok &= ((cum > mu) & ~pad).any(-1, keepdim=True)  # the boundary is in this bucket
+    done = ok.squeeze(1)
+    sel = todo[done]
+    g_head[sel] = (g0 + torch.where(head, e_f, 0.0).sum(-1, keepdim=True, dtype=dt))[done, 0].to(g_head.dtype)
+    size[sel] = (n0 + head.sum(-1, keepdim=True))[done, 0].to(size.dtype)
+    return done
 
 
 def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int) -> Tensor:
@@ -321,15 +355,18 @@ def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int
     cols = (bidx[:, :-1, None] * _BLOCK + torch.arange(_BLOCK, device=bmax.device)).flatten(1)
     inside = cols < v  # the last block may be short
     cols = cols.clamp_(max=v - 1)
+
     # gather the candidates straight from the full (R, V) tensors: copying the rows left
     # (rows.p[todo], ...) cost more than the whole search
-    r_idx = slice(None) if everything else todo[:, None]
-    cand = rows.z_t[r_idx, cols].masked_fill_(~inside, -math.inf)
+    def pick(x: Tensor, c: Tensor) -> Tensor:
+        return x.gather(-1, c) if everything else x[todo[:, None], c]
+
+    cand = pick(rows.z_t, cols).masked_fill_(~inside, -math.inf)
     cand, order = cand.topk(min(keep, cand.shape[1]), dim=-1)  # sorted; cheaper than a sort
     cols = cols.gather(-1, order)
     pad = cand == -math.inf
-    p_c = rows.p[r_idx, cols].masked_fill_(pad, 0.0)
-    q_c = rows.q[r_idx, cols].masked_fill_(pad, 0.0)
+    p_c = pick(rows.p, cols).masked_fill_(pad, 0.0)
+    q_c = pick(rows.q, cols).masked_fill_(pad, 0.0)
     return _head_of_sorted(p_c, q_c, mu, g_head, size, todo, cand > bound)
 
 

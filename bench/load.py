@@ -163,7 +163,17 @@ def account(stack: Stack, submitted: dict[str, Any], steps: int) -> dict[str, An
             problems.append(f"key {key} made {len(ids)} jobs")
     expected = {i for ids in submitted["ids_by_key"].values() for i in ids}
     with stack.engine.connect() as c:
-        rows = c.execute(select(Job.id, Job.status, Job.attempts, Job.output_dir, Job.idempotency_key)).all()
+        rows = c.execute(
+            select(
+                Job.id,
+                Job.status,
+                Job.attempts,
+                Job.output_dir,
+                Job.lease_owner,
+                Job.error_code,
+                Job.error_message,
+            )
+        ).all()
         steps_by_job: dict[str, list[int]] = {}
         for job_id, step in c.execute(select(JobMetric.job_id, JobMetric.step).order_by(JobMetric.step)):
             steps_by_job.setdefault(job_id, []).append(step)
@@ -181,7 +191,8 @@ def account(stack: Stack, submitted: dict[str, Any], steps: int) -> dict[str, An
             if line.strip()
         ) if (Path(r.output_dir) / "events.jsonl").is_file() else 0  # fmt: skip
         if r.status != "succeeded" or r.attempts != 1 or started != 1:
-            problems.append(f"{r.id}: {r.status}, attempts {r.attempts}, started {started} times")
+            why = f" ({r.error_code}: {(r.error_message or '')[:300]})" if r.error_code else ""
+            problems.append(f"{r.id}: {r.status}, attempts {r.attempts}, started {started} times{why}")
         if steps_by_job.get(r.id) != list(range(1, steps + 1)):
             problems.append(f"{r.id}: metric steps {steps_by_job.get(r.id)}")
     return {"jobs": len(rows), "statuses": statuses, "problems": problems[:50], "ok": not problems}

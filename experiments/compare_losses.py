@@ -8,7 +8,8 @@ own evaluation (``data.validation`` is set to the test split; nothing selects ch
 mean over the sampling seeds, distinct-1/2, and the teacher-forced KL(teacher || student) on the
 test responses. The teacher is scored once with the same prompts and sampling seeds.
 
-  python experiments/compare_losses.py                      # the CPU study (~1 h on 2 free cores)
+  python experiments/compare_losses.py                      # the CPU study: 8 methods x 3 seeds
+                                                            # + teacher; 80 min on 2 shared cores
   python experiments/compare_losses.py --budget gpu         # a larger budget on one GPU
   python experiments/compare_losses.py --aggregate-only     # rebuild the table from finished runs
 
@@ -34,35 +35,84 @@ METHODS = ("sft", "fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl")
 SUMMARY = ROOT / "experiments" / "results" / "compare_losses.json"
 METRICS = ("rouge_l", "rouge_l_std", "distinct_1", "distinct_2", "val_kl", "val_ce")
 
-# Budgets. "cpu" is sized for ~1 h on 2 free CPU cores with 2 runs in parallel (1 thread each).
+# Budgets. "cpu": 2 runs in parallel (1 thread each); one run took 160-700 s on 2 shared cores
+# (~4-7 s per step and ~1-2 min of evaluation when the cores were free), 80 min for the study.
 BUDGETS: dict[str, dict] = {
-    "cpu": dict(num_layers=6, steps=30, batch_size=4, grad_accum=1, lr=2e-4, warmup=4, max_length=160,
-                max_prompt_length=112, eval_examples=32, max_new_tokens=32, eval_batch=16, jobs=2,
-                device="cpu", threads=1),
-    "gpu": dict(num_layers=6, steps=1000, batch_size=16, grad_accum=1, lr=2e-4, warmup=50, max_length=256,
-                max_prompt_length=160, eval_examples=100, max_new_tokens=64, eval_batch=50, jobs=1,
-                device="cuda", threads=4),
+    "cpu": dict(
+        num_layers=6,
+        steps=30,
+        batch_size=4,
+        grad_accum=1,
+        lr=2e-4,
+        warmup=4,
+        max_length=160,
+        max_prompt_length=112,
+        eval_examples=32,
+        max_new_tokens=32,
+        eval_batch=16,
+        jobs=2,
+        device="cpu",
+        threads=1,
+    ),
+    "gpu": dict(
+        num_layers=6,
+        steps=1000,
+        batch_size=16,
+        grad_accum=1,
+        lr=2e-4,
+        warmup=50,
+        max_length=256,
+        max_prompt_length=160,
+        eval_examples=100,
+        max_new_tokens=64,
+        eval_batch=50,
+        jobs=1,
+        device="cuda",
+        threads=4,
+    ),
 }
 
 
 def build_spec(method: str, seed: int, b: dict, eval_split: str = "demo:test"):
     from akl_core.spec import JobSpec
 
-    return JobSpec.model_validate({
-        "teacher": "preset:smollm2-135m-instruct",
-        "student": {"init": "truncate", "num_layers": b["num_layers"]},
-        "data": {"train": "demo:train", "validation": eval_split, "max_validation_examples": b["eval_examples"]},
-        "loss": {"name": method, "kd_ratio": 0.5, "mu": 0.5, "lam": 0.1},
-        "training": {"max_steps": b["steps"], "batch_size": b["batch_size"], "grad_accum": b["grad_accum"],
-                     "learning_rate": b["lr"], "scheduler": "cosine", "warmup_steps": b["warmup"],
-                     "max_length": b["max_length"], "max_prompt_length": b["max_prompt_length"], "seed": seed,
-                     "precision": "fp32", "teacher_dtype": "fp32"},
-        "evaluation": {"num_examples": b["eval_examples"], "seeds": [10, 20, 30, 40, 50],
-                       "max_new_tokens": b["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                       "batch_size": b["eval_batch"], "teacher_reference": False},
-        "checkpointing": {"every_steps": 0, "keep": 1},
-        "resources": {"device": b["device"]},
-    })
+    return JobSpec.model_validate(
+        {
+            "teacher": "preset:smollm2-135m-instruct",
+            "student": {"init": "truncate", "num_layers": b["num_layers"]},
+            "data": {
+                "train": "demo:train",
+                "validation": eval_split,
+                "max_validation_examples": b["eval_examples"],
+            },
+            "loss": {"name": method, "kd_ratio": 0.5, "mu": 0.5, "lam": 0.1},
+            "training": {
+                "max_steps": b["steps"],
+                "batch_size": b["batch_size"],
+                "grad_accum": b["grad_accum"],
+                "learning_rate": b["lr"],
+                "scheduler": "cosine",
+                "warmup_steps": b["warmup"],
+                "max_length": b["max_length"],
+                "max_prompt_length": b["max_prompt_length"],
+                "seed": seed,
+                "precision": "fp32",
+                "teacher_dtype": "fp32",
+            },
+            "evaluation": {
+                "num_examples": b["eval_examples"],
+                "seeds": [10, 20, 30, 40, 50],
+                "max_new_tokens": b["max_new_tokens"],
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "batch_size": b["eval_batch"],
+                "teacher_reference": False,
+            },
+            "checkpointing": {"every_steps": 0, "keep": 1},
+            "resources": {"device": b["device"]},
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,13 +151,21 @@ def run_teacher(b: dict, out: Path, models_root: Path) -> None:
     tok = models.load_tokenizer(path)
     teacher = models.load_teacher(path, dtype=torch.float32, device=b["device"])
     examples = data.read_examples(spec.data.validation, limit=spec.data.max_validation_examples)
-    metrics = evaluation.evaluate_model(teacher, tok, examples, spec.evaluation, teacher=None,
-                                        max_length=spec.training.max_length,
-                                        max_prompt_length=spec.training.max_prompt_length, device=b["device"])
+    metrics = evaluation.evaluate_model(
+        teacher,
+        tok,
+        examples,
+        spec.evaluation,
+        teacher=None,
+        max_length=spec.training.max_length,
+        max_prompt_length=spec.training.max_prompt_length,
+        device=b["device"],
+    )
     metrics.update(val_kl=0.0)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"status": "completed", "metrics": metrics,
-                                                 "wall_s": time.perf_counter() - t0}, indent=2))
+    (out / "result.json").write_text(
+        json.dumps({"status": "completed", "metrics": metrics, "wall_s": time.perf_counter() - t0}, indent=2)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,16 +186,36 @@ def launch(method: str, seed: int, args, out_root: Path) -> subprocess.Popen:
     d = run_dir(out_root, method, seed)
     d.mkdir(parents=True, exist_ok=True)
     threads = str(BUDGETS[args.budget]["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--budget", args.budget, "--out", str(out_root), "--models-root",
-           str(args.models_root), "--child", method, str(seed), *_overrides(args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--budget",
+        args.budget,
+        "--out",
+        str(out_root),
+        "--models-root",
+        str(args.models_root),
+        "--child",
+        method,
+        str(seed),
+        *_overrides(args),
+    ]
     log = open(d / "run.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def run_study(args, out_root: Path) -> None:
-    todo = [(m, s) for m, s in queue(args.methods, args.seeds)
-            if not (run_dir(out_root, m, s) / "result.json").is_file()]
+    todo = [
+        (m, s)
+        for m, s in queue(args.methods, args.seeds)
+        if not (run_dir(out_root, m, s) / "result.json").is_file()
+    ]
     print(f"{len(todo)} runs to do -> {out_root}", flush=True)
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     jobs = args.jobs or BUDGETS[args.budget]["jobs"]
@@ -159,8 +237,10 @@ def run_study(args, out_root: Path) -> None:
             m, s, p, t0 = item
             if p.poll() is not None:
                 running.remove(item)
-                print(f"{time.strftime('%H:%M:%S')} done {m} seed {s} rc={p.returncode} {time.time() - t0:.0f}s",
-                      flush=True)
+                print(
+                    f"{time.strftime('%H:%M:%S')} done {m} seed {s} rc={p.returncode} {time.time() - t0:.0f}s",
+                    flush=True,
+                )
         aggregate(args, out_root, quiet=True)
 
 
@@ -181,8 +261,12 @@ def _change(history: list[float], first: int = 3, last: int = 5) -> float:
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
@@ -204,16 +288,24 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
                 **{k: res["metrics"].get(k) for k in (*METRICS, "rouge_l_per_seed")},
                 "wall_s": res.get("wall_s"),
                 # Runs started before spec.json was saved used an evaluation batch of 8.
-                "eval_batch": (json.loads((d / "spec.json").read_text())["evaluation"]["batch_size"]
-                               if (d / "spec.json").is_file() else 8),
-                "history": {k: [e.get(k) for e in steps] for k in ("step", "loss", "ce", "kd", "g_head", "g_tail",
-                                                                   "w_head", "fkl", "rkl")},
+                "eval_batch": (
+                    json.loads((d / "spec.json").read_text())["evaluation"]["batch_size"]
+                    if (d / "spec.json").is_file()
+                    else 8
+                ),
+                "history": {
+                    k: [e.get(k) for e in steps]
+                    for k in ("step", "loss", "ce", "kd", "g_head", "g_tail", "w_head", "fkl", "rkl")
+                },
             }
         summary["runs"][m] = per_seed
         if per_seed:
             summary["methods"][m] = {k: _mean_std([r[k] for r in per_seed.values()]) for k in METRICS}
             summary["methods"][m]["gap_change"] = {
-                k: _mean_std([_change(r["history"][k]) for r in per_seed.values()]) for k in ("g_head", "g_tail")}
+                k: _mean_std([_change(r["history"][k]) for r in per_seed.values()])
+                for k in ("g_head", "g_tail")
+            }
+    summary["paired"] = paired(summary["runs"])
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=1))
     if not quiet:
@@ -221,20 +313,66 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
     return summary
 
 
+def paired(runs: dict, ref: str = "akl") -> dict:
+    """Paired by training seed (same data order, same start): AKL minus each method in Rouge-L and
+    KL, and claim 2's early-training gap ratios FKL / RKL (steps 6-15, where the curves part)."""
+    out: dict = {"akl_minus": {}, "fkl_over_rkl_steps_6_15": {}}
+    for m, per_seed in runs.items():
+        seeds = [s for s in per_seed if s in runs.get(ref, {})]
+        if m == ref or not seeds:
+            continue
+        out["akl_minus"][m] = {
+            k: _mean_std([runs[ref][s][k] - per_seed[s][k] for s in seeds]) for k in ("rouge_l", "val_kl")
+        }
+    seeds = [s for s in runs.get("fkl", {}) if s in runs.get("rkl", {})]
+    for key in ("g_head", "g_tail"):
+        if seeds:
+            out["fkl_over_rkl_steps_6_15"][key] = _mean_std(
+                [
+                    statistics.fmean(
+                        a / b
+                        for a, b in zip(
+                            runs["fkl"][s]["history"][key][5:15],
+                            runs["rkl"][s]["history"][key][5:15],
+                            strict=True,
+                        )
+                    )
+                    for s in seeds
+                ]
+            )
+    return out
+
+
 def table(summary: dict) -> str:
-    rows = ["| Method | seeds | Rouge-L | distinct-1 | distinct-2 | KL(teacher‖student) | student CE |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| Method | seeds | Rouge-L | distinct-1 | distinct-2 | KL(teacher‖student) | student CE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     t = summary.get("teacher")
     if t:
-        rows.append(f"| Teacher | - | {t['rouge_l']:.2f} (± {t['rouge_l_std']:.2f} over sampling seeds) | "
-                    f"{t['distinct_1']:.3f} | {t['distinct_2']:.3f} | 0 | {t['val_ce']:.3f} |")
-    names = {"sft": "SFT", "fkl": "FKL", "rkl": "RKL", "fkl_rkl": "FKL+RKL", "akl": "AKL", "akl_r": "AKL-r",
-             "skl": "SKL", "srkl": "SRKL"}
+        rows.append(
+            f"| Teacher | - | {t['rouge_l']:.2f} (± {t['rouge_l_std']:.2f} over sampling seeds) | "
+            f"{t['distinct_1']:.3f} | {t['distinct_2']:.3f} | 0 | {t['val_ce']:.3f} |"
+        )
+    names = {
+        "sft": "SFT",
+        "fkl": "FKL",
+        "rkl": "RKL",
+        "fkl_rkl": "FKL+RKL",
+        "akl": "AKL",
+        "akl_r": "AKL-r",
+        "skl": "SKL",
+        "srkl": "SRKL",
+    }
     for m, agg in summary["methods"].items():
-        def f(k: str, d: int) -> str:
+
+        def f(k: str, d: int, agg: dict = agg) -> str:
             return f"{agg[k]['mean']:.{d}f} ± {agg[k]['std']:.{d}f}"
-        rows.append(f"| {names.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} | {f('distinct_1', 3)} | "
-                    f"{f('distinct_2', 3)} | {f('val_kl', 3)} | {f('val_ce', 3)} |")
+
+        rows.append(
+            f"| {names.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} | {f('distinct_1', 3)} | "
+            f"{f('distinct_2', 3)} | {f('val_kl', 3)} | {f('val_ce', 3)} |"
+        )
     return "\n".join(rows)
 
 

@@ -20,10 +20,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = ROOT / "experiments" / "results" / "compare_losses.json"
 FIGURES = ROOT / "docs" / "figures"
-NAMES = {"sft": "SFT", "fkl": "FKL", "rkl": "RKL", "fkl_rkl": "FKL+RKL", "akl": "AKL", "akl_r": "AKL-r",
-         "skl": "SKL", "srkl": "SRKL"}
-STYLE = {"sft": ("0.5", ":"), "fkl": ("tab:blue", "-"), "rkl": ("tab:red", "-"), "fkl_rkl": ("tab:purple", "-"),
-         "akl": ("k", "-"), "akl_r": ("k", "--"), "skl": ("tab:cyan", "--"), "srkl": ("tab:orange", "--")}
+NAMES = {
+    "sft": "SFT",
+    "fkl": "FKL",
+    "rkl": "RKL",
+    "fkl_rkl": "FKL+RKL",
+    "akl": "AKL",
+    "akl_r": "AKL-r",
+    "skl": "SKL",
+    "srkl": "SRKL",
+}
+STYLE = {
+    "sft": ("0.5", ":"),
+    "fkl": ("tab:blue", "-"),
+    "rkl": ("tab:red", "-"),
+    "fkl_rkl": ("tab:purple", "-"),
+    "akl": ("k", "-"),
+    "akl_r": ("k", "--"),
+    "skl": ("tab:cyan", "--"),
+    "srkl": ("tab:orange", "--"),
+}
 
 
 def smooth(values: list[float], k: int = 5) -> list[float]:
@@ -40,7 +56,10 @@ def mean_history(runs: dict, key: str) -> tuple[list[int], list[float]]:
 def ratio_to_sft(runs: dict, method: str, key: str) -> tuple[list[int], list[float]]:
     """Per step, mean over the seeds both have of method's gap / SFT's gap (paired by seed)."""
     seeds = [s for s in runs[method] if s in runs.get("sft", {})]
-    hists = [[a / b for a, b in zip(runs[method][s]["history"][key], runs["sft"][s]["history"][key])] for s in seeds]
+    hists = [
+        [a / b for a, b in zip(runs[method][s]["history"][key], runs["sft"][s]["history"][key], strict=True)]
+        for s in seeds
+    ]
     n = min(len(h) for h in hists)
     steps = runs[method][seeds[0]]["history"]["step"][:n]
     return steps, [statistics.fmean(h[i] for h in hists) for i in range(n)]
@@ -53,7 +72,7 @@ def main() -> None:
     runs = {m: r for m, r in summary["runs"].items() if r}
     for relative, name in ((False, "gaps_history.png"), (True, "gaps_vs_sft.png")):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-        for ax, key in zip(axes, ("g_head", "g_tail")):
+        for ax, key in zip(axes, ("g_head", "g_tail"), strict=True):
             for m, r in runs.items():
                 if relative and (m == "sft" or "sft" not in runs):
                     continue
@@ -66,8 +85,11 @@ def main() -> None:
             ax.set_xlabel("optimizer step")
         axes[0].legend(fontsize=7, ncol=2)
         n = max(len(r) for r in runs.values())
-        fig.suptitle(f"Real teacher -> 6-layer student: gap histories (mean over {n} training seed(s), "
-                     "5-step moving average)", fontsize=9)
+        fig.suptitle(
+            f"Real teacher -> 6-layer student: gap histories (mean over {n} training seed(s), "
+            "5-step moving average)",
+            fontsize=9,
+        )
         fig.tight_layout()
         fig.savefig(FIGURES / name, dpi=75)
         plt.close(fig)

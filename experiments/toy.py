@@ -52,9 +52,14 @@ def fig3_seed_sweep(seeds: range = range(10)) -> dict:
         runs = toy.fig3(steps=FIG3_STEPS, lr=FIG3_LR, seed=seed)
         p = runs["fkl"].target
         f, r = runs["fkl"].snapshots, runs["rkl"].snapshots
-        rows.append({"seed": seed, "head10": [toy.head_gap(p, f[10]), toy.head_gap(p, r[10])],
-                     "far_tail20": [toy.far_tail_gap(p, f[20]), toy.far_tail_gap(p, r[20])],
-                     "total300": [toy.total_gap(p, f[300]), toy.total_gap(p, r[300])]})
+        rows.append(
+            {
+                "seed": seed,
+                "head10": [toy.head_gap(p, f[10]), toy.head_gap(p, r[10])],
+                "far_tail20": [toy.far_tail_gap(p, f[20]), toy.far_tail_gap(p, r[20])],
+                "total300": [toy.total_gap(p, f[300]), toy.total_gap(p, r[300])],
+            }
+        )
     return {
         "rows": rows,
         "fkl_head_first": sum(row["head10"][0] < row["head10"][1] for row in rows),
@@ -71,18 +76,26 @@ def plot_fig2(path: Path) -> dict:
     runs = toy.fig2()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     gaps = {}
-    for ax, (tname, by_div) in zip(axes, runs.items()):
+    for ax, (tname, by_div) in zip(axes, runs.items(), strict=True):
         p = by_div["fkl"].target
         ax.bar(x.numpy(), p.numpy(), width=1.8, color="0.8", label="target p")
         for d, run in by_div.items():
             q = run.snapshots[max(run.snapshots)]
-            ax.plot(x.numpy(), q.numpy(), color=COLORS[d], lw=3 if d == "fkl" else 1.2,
-                    ls="-" if d == "fkl" else "--", label=f"{d.upper()} after 200 steps")
+            ax.plot(
+                x.numpy(),
+                q.numpy(),
+                color=COLORS[d],
+                lw=3 if d == "fkl" else 1.2,
+                ls="-" if d == "fkl" else "--",
+                label=f"{d.upper()} after 200 steps",
+            )
             gaps[f"{tname}_{d}_total_gap"] = toy.total_gap(p, q)
         ax.set_title(f"{tname} target")
         ax.set_xlabel("x")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Fig. 2 toy: FKL and RKL reach the same fit (sum |p-q| in experiments/results/toy.json)", fontsize=9)
+    fig.suptitle(
+        "Fig. 2 toy: FKL and RKL reach the same fit (sum |p-q| in experiments/results/toy.json)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -94,7 +107,7 @@ def plot_fig3(h: dict, path: Path) -> None:
 
     x, p = torch.tensor(h["x"]), torch.tensor(h["target"])
     fig, axes = plt.subplots(2, 3, figsize=(11, 5.6))
-    for ax, s in zip(axes[0], SNAPSHOTS[:3]):
+    for ax, s in zip(axes[0], SNAPSHOTS[:3], strict=True):
         ax.bar(x.numpy(), p.numpy(), width=1.1, color="0.8", label="target")
         for d in ("fkl", "rkl"):
             ax.plot(x.numpy(), h["runs"][d]["snapshots"][str(s)], color=COLORS[d], lw=1.3, label=d.upper())
@@ -106,8 +119,10 @@ def plot_fig3(h: dict, path: Path) -> None:
         ax.plot(x.numpy(), h["runs"][d]["snapshots"]["300"], color=COLORS[d], lw=1.3)
     ax.set_title("step 300")
     steps = range(len(h["runs"]["fkl"]["head_gap"]))
-    for ax, key, title in ((axes[1][1], "head_gap", "head gap (top-10 bins)"),
-                           (axes[1][2], "far_tail_gap", "far-tail gap (bins 37+)")):
+    for ax, key, title in (
+        (axes[1][1], "head_gap", "head gap (top-10 bins)"),
+        (axes[1][2], "far_tail_gap", "far-tail gap (bins 37+)"),
+    ):
         for d in ("fkl", "rkl"):
             ax.semilogy(list(steps)[1:61], h["runs"][d][key][1:61], color=COLORS[d], label=d.upper())
         ax.set_title(title)
@@ -135,23 +150,37 @@ def main() -> None:
     # The first step at which one curve is below the other, for the reading in docs/results.md.
     claim2 = {
         "fkl_head_below_rkl_steps": [s for s in range(1, 61) if f["head_gap"][s] < r["head_gap"][s]],
-        "rkl_far_tail_below_fkl_steps": [s for s in range(1, 61) if r["far_tail_gap"][s] < f["far_tail_gap"][s]],
+        "rkl_far_tail_below_fkl_steps": [
+            s for s in range(1, 61) if r["far_tail_gap"][s] < f["far_tail_gap"][s]
+        ],
     }
     sweep = fig3_seed_sweep()
     payload = {
-        "setting": {"fig3": {"bins": 80, "std": 16.0, "lr": FIG3_LR, "seed": FIG3_SEED, "steps": FIG3_STEPS,
-                             "head": "top-10 bins of p", "far_tail": "bins 37 and up"},
-                    "fig2": {"bins": 50, "lr": 0.1, "steps": 200, "seed": 0}},
+        "setting": {
+            "fig3": {
+                "bins": 80,
+                "std": 16.0,
+                "lr": FIG3_LR,
+                "seed": FIG3_SEED,
+                "steps": FIG3_STEPS,
+                "head": "top-10 bins of p",
+                "far_tail": "bins 37 and up",
+            },
+            "fig2": {"bins": 50, "lr": 0.1, "steps": 200, "seed": 0},
+        },
         "fig2_total_gap_after_200": fig2_gaps,
         "fig3_checks": checks,
         "fig3_seed_sweep": sweep,
         "fig3_claim2_steps_1_60": claim2,
-        "fig3_per_step": {d: {k: [round(v, 7) for v in h["runs"][d][k]] for k in ("head_gap", "far_tail_gap",
-                                                                                   "total_gap")}
-                          for d in ("fkl", "rkl")},
+        "fig3_per_step": {
+            d: {k: [round(v, 7) for v in h["runs"][d][k]] for k in ("head_gap", "far_tail_gap", "total_gap")}
+            for d in ("fkl", "rkl")
+        },
     }
     (RESULTS / "toy.json").write_text(json.dumps(payload, indent=1))
-    print(json.dumps({"fig2": fig2_gaps, **checks, **{k: v for k, v in sweep.items() if k != "rows"}}, indent=1))
+    print(
+        json.dumps({"fig2": fig2_gaps, **checks, **{k: v for k, v in sweep.items() if k != "rows"}}, indent=1)
+    )
 
 
 if __name__ == "__main__":

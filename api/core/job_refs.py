@@ -44,7 +44,11 @@ def check_model_ref(ref: str, field: str, settings: Settings) -> None:
             raise RefError(403, field, "hub models are disabled on this server (AKL_ALLOW_HUB=false)")
         return
     assert settings.models_root is not None
-    if not (Path(settings.models_root) / ref).is_dir():
+    root = Path(settings.models_root).resolve()
+    path = (root / ref).resolve()
+    if not path.is_relative_to(root):  # a symbolic link inside the root pointing out of it
+        raise RefError(422, field, f"model {ref!r} leads outside the models root; name a directory in it")
+    if not path.is_dir():
         raise RefError(404, field, f"model {ref!r} not found under the models root")
 
 

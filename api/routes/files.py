@@ -36,6 +36,8 @@ def upload_file(
         num_examples = validate_jsonl_bytes(data, settings.max_line_bytes, name="file")
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"invalid JSONL: {exc}") from None
+    except RecursionError:  # json's decoder on a line nested thousands deep; a 500 otherwise
+        raise HTTPException(400, "invalid JSONL: a line is nested too deeply to be an example") from None
     if num_examples < 1:
         raise HTTPException(400, "file has no examples")
     filename = PurePath((file.filename or "upload.jsonl").replace("\\", "/")).name[:255] or "upload.jsonl"

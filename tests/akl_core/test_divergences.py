@@ -175,10 +175,21 @@ def test_top1_shortcut_settles_peaked_rows(monkeypatch):
 
 
 def test_all_head_stages_match_reference(monkeypatch):
-    # blocks of 2 tokens: V = 131 goes through 8 blocks, 64 blocks, a top-100, the full sort
+    # blocks of 2 tokens: V = 131 goes through 8 blocks, 64 blocks, the logit histogram (on
+    # V > 100, 128 buckets: at mu = 0.99 the flat rows overflow it), the full sort
     monkeypatch.setattr(divergences, "_BLOCK", 2)
     monkeypatch.setattr(divergences, "_TOPK_LAST", 100)
+    monkeypatch.setattr(divergences, "_NBUCKETS", 128)
     log = _stage_log(monkeypatch)
+    bucketed = []
+    original = divergences._head_from_buckets
+
+    def spy(rows, mu, g_head, size, todo):
+        done = original(rows, mu, g_head, size, todo)
+        bucketed.append(int(done.sum()))
+        return done
+
+    monkeypatch.setattr(divergences, "_head_from_buckets", spy)
     s, t, labels, opts = make_case("odd", seed=5)
     for scale, mu in ((2.0, 0.5), (0.4, 0.5), (0.05, 0.5), (0.05, 0.99)):
         for name in ("akl", "akl_r"):
@@ -190,6 +201,7 @@ def test_all_head_stages_match_reference(monkeypatch):
             assert math.isclose(out.stats["head_size"], ref_stats["head_size"], rel_tol=1e-6)
     stages = {(full, settled > 0) for full, settled in log}
     assert (False, True) in stages and (True, True) in stages
+    assert sum(bucketed) > 0
 
 
 # ---------------------------------------------------------------------------- properties

@@ -65,7 +65,10 @@ def _unharmed(client: TestClient, headers: dict[str, str], settings: Settings, s
 
 
 BAD_JSONL = {
-    "nested 1500 deep": (b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b', "response": "x"}\n', "line 1"),
+    "nested 1500 deep": (
+        b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b', "response": "x"}\n',
+        "nested too deeply",
+    ),
     "NUL in a string": (b'{"prompt": "a\x00", "response": "b"}\n', "control character"),
     "UTF-8 BOM": (b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n', "BOM"),
     "UTF-16": ('{"prompt": "a", "response": "b"}\n'.encode("utf-16"), "UTF-8"),
