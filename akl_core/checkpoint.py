@@ -45,7 +45,9 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        # plain types + a tensor, so the state loads with torch.load(weights_only=True)
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover
         pass
     return state
@@ -59,7 +61,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -134,6 +137,7 @@ def rotate_checkpoints(output_dir: Path, keep: int) -> None:
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """The optimizer/scheduler/RNG/data-position dict saved with a checkpoint."""
-    blob = torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint directory is data, never code (no arbitrary unpickling)
+    blob = torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=True)
     blob["train_state"] = TrainState(**blob["train_state"])
     return blob

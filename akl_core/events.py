@@ -185,6 +185,6 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         pass
     if isinstance(exc, MemoryError):
         return "out_of_memory", "out of host memory; lower training.batch_size or max_length"
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "disk_full", f"no space left on device: {exc}"
     return "internal_error", f"{type(exc).__name__}: {exc}"

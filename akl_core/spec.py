@@ -20,6 +20,12 @@ LossName = Literal["fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd"
 MODEL_REF_PATTERN = r"^(preset:[A-Za-z0-9._-]+|hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|[A-Za-z0-9._/-]+)$"
 
 
+# A student is smaller than its teacher: no size field of a real LLM config exceeds this, and a
+# larger one would only make a job that fails (out of memory) on every attempt.
+MAX_OVERRIDE = 65_536
+FORBIDDEN_OVERRIDES = frozenset({"vocab_size", "model_type", "architectures"})
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -48,6 +54,11 @@ class StudentSpec(_Strict):
             raise ValueError("student.num_layers is required when student.init is 'truncate'")
         if len(self.config_overrides) > 64:
             raise ValueError("student.config_overrides has more than 64 entries")
+        for key, value in self.config_overrides.items():
+            if key in FORBIDDEN_OVERRIDES:
+                raise ValueError(f"student.config_overrides.{key} cannot be changed: the student shares the teacher's vocabulary and architecture")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not -MAX_OVERRIDE <= value <= MAX_OVERRIDE:
+                raise ValueError(f"student.config_overrides.{key} must lie within +-{MAX_OVERRIDE}")
         return self
 
 
@@ -65,7 +76,8 @@ class LossSpec(_Strict):
     name: LossName = "akl"
     kd_ratio: float = Field(0.5, ge=0.0, le=1.0, description="total = (1-r)*CE + r*divergence")
     mu: float = Field(0.5, gt=0.0, lt=1.0, description="AKL head mass")
-    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    # below 0.01 logits / T overflow fp32 and the loss turns NaN within a step or two
+    temperature: float = Field(1.0, ge=0.01, le=100.0)
     lam: float = Field(0.1, gt=0.0, lt=1.0, description="skew for skl / srkl")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="generalized JSD mix")
     chunk_size: int | None = Field(None, ge=1, le=1_048_576, description="tokens per loss chunk")

@@ -254,6 +254,10 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _round(value):
+    return round(value, 6) if isinstance(value, float) else value
+
+
 def _change(history: list[float], first: int = 3, last: int = 5) -> float:
     """Mean of the last steps / mean of the first steps: < 1 means the gap closed (per-step
     values are on different batches, hence the averages)."""
@@ -294,7 +298,7 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
                     else 8
                 ),
                 "history": {
-                    k: [e.get(k) for e in steps]
+                    k: [_round(e.get(k)) for e in steps]
                     for k in ("step", "loss", "ce", "kd", "g_head", "g_tail", "w_head", "fkl", "rkl")
                 },
             }

@@ -30,7 +30,7 @@ from worker.leases import ClaimedJob, SessionFactory
 from worker.options import WorkerOptions
 from worker.recorder import EventRecorder
 from worker.specs import SpecError, resolve_spec
-from worker.supervisor import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, RunResult, Supervisor
+from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, RunResult, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,10 @@ def _supervise(
 
 
 def _settle(job: ClaimedJob, owner: str, result: RunResult, stop: str | None, ctx: WorkerContext) -> str:
-    completed = result.returncode == EXIT_COMPLETED and "completed" in result.last_events
+    # The runner prints `completed` only after final/ and result.json are on disk, so the job is
+    # done even if a shutdown signal reached the runner while its interpreter was exiting
+    # (RELIABILITY.md, defect 10).
+    completed = "completed" in result.last_events
     if stop == "lease_lost" and not completed:
         log.warning("job %s: lease lost; another worker owns it now", job.id)
         return "lost"

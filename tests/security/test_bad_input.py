@@ -198,15 +198,16 @@ def test_data_references_are_file_ids_of_this_tenant(
 # Absurd values the spec (akl_core/spec.py) still lets through: each job fails later in the worker
 # (NaN loss, or a model too large to allocate) instead of a 422 at submission. Strict: when the
 # bounds are added these pass and must be moved into ABSURD above.
-ACCEPTED_BUT_ABSURD = {
+ABSURD_MODEL_SIZES = {
     "temperature 1e-40 (NaN loss at step 2)": {"loss": {"temperature": 1e-40}},
     "hidden size 10^9": {"student": {"init": "config", "num_layers": 2, "config_overrides": {"hidden_size": 10**9}}},
     "vocabulary 10^9": {"student": {"init": "config", "num_layers": 2, "config_overrides": {"vocab_size": 10**9}}},
 }  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="akl_core/spec.py: no bound yet (reported in RELIABILITY.md)")
-@pytest.mark.parametrize("case", ACCEPTED_BUT_ABSURD)
-def test_spec_bounds_still_missing(case, client, headers) -> None:
-    body = _job(**{k: {**_job().get(k, {}), **v} for k, v in ACCEPTED_BUT_ABSURD[case].items()})
-    assert client.post("/v1/jobs", headers=headers, json=body).status_code == 422
+@pytest.mark.parametrize("case", ABSURD_MODEL_SIZES)
+def test_absurd_temperature_and_model_sizes_are_422(case, client, headers) -> None:
+    body = _job(**{k: {**_job().get(k, {}), **v} for k, v in ABSURD_MODEL_SIZES[case].items()})
+    response = client.post("/v1/jobs", headers=headers, json=body)
+    assert response.status_code == 422
+    assert ("temperature" in response.text) or ("config_overrides" in response.text)

@@ -9,8 +9,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("akl_core", "api", "worker", "akl_cli")
 
@@ -64,9 +62,6 @@ def test_models_load_from_safetensors_only() -> None:
         assert _is_const(_kw(call, "use_safetensors"), True), f"{where}: {name} without use_safetensors=True"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="akl_core/checkpoint.py loads trainer_state.pt with weights_only=False"
-)
 def test_no_pickle_is_loaded() -> None:
     """torch.load only with weights_only=True; no pickle.load at all."""
     for where, call in _calls():
