@@ -78,12 +78,7 @@ def list_files(
         session=session, tenant_id=tenant.id, purpose=purpose, after=cursor, limit=limit
     )
     data = [FilePublic.from_row(row) for row in rows]
-    return Page[FilePublic](
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return Page[FilePublic].of(data, has_more)
 
 
 def _get_or_404(session: SessionDep, tenant: CurrentTenant, file_id: str) -> File:

@@ -32,12 +32,7 @@ def list_events(
     get_job_or_404(session, tenant, job_id)
     rows, has_more = history_crud.list_events(session=session, job_id=job_id, after=after, limit=limit)
     data = [EventPublic.from_row(row) for row in rows]
-    return Page[EventPublic](
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return Page[EventPublic].of(data, has_more)
 
 
 @router.get(

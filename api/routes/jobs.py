@@ -100,12 +100,7 @@ def list_jobs(
         session=session, tenant_id=tenant.id, status=status, after=cursor, limit=limit
     )
     data = [JobPublic.from_row(row) for row in rows]
-    return Page[JobPublic](
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return Page[JobPublic].of(data, has_more)
 
 
 @router.get("/{job_id}")

@@ -17,6 +17,14 @@ class Page(BaseModel, Generic[T]):
     first_id: str | int | None = None
     last_id: str | int | None = None
 
+    @classmethod
+    def of(cls, data: list[T], has_more: bool) -> Page[T]:
+        """A page of items that carry an ``id``, with the first and last ids filled in."""
+        ids = [item.id for item in data]  # type: ignore[attr-defined]
+        return cls(
+            data=data, has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None
+        )
+
 
 class Deleted(BaseModel):
     id: str
