@@ -148,10 +148,14 @@ def headers(make_headers: Callable[[str], dict[str, str]]) -> dict[str, str]:
 
 
 def upload(
-    client: TestClient, headers: dict[str, str], content: bytes = GOOD_JSONL, purpose: str = "train"
+    client: TestClient,
+    headers: dict[str, str],
+    content: bytes = GOOD_JSONL,
+    purpose: str = "train",
+    name: str = "data.jsonl",
 ) -> Any:
     return client.post(
-        "/v1/files", headers=headers, files={"file": ("data.jsonl", content)}, data={"purpose": purpose}
+        "/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": purpose}
     )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,26 +14,10 @@ from sqlalchemy import select
 from api.core.config import Settings
 from api.db.models import File
 from api.db.session import get_engine, session_factory
+from tests.api.conftest import job_body as _job
+from tests.api.conftest import upload as _upload
 
 GOOD = b'{"prompt": "Say hi.", "response": "Hi!"}\n'
-
-
-def _upload(client: TestClient, headers: dict[str, str], content: bytes, name: str = "d.jsonl"):
-    return client.post(
-        "/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": "train"}
-    )
-
-
-def _job(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "teacher": "preset:tiny",
-        "student": {"init": "truncate", "num_layers": 1},
-        "data": {"train": "demo:train"},
-        "training": {"max_steps": 2},
-        "resources": {"device": "cpu"},
-    }
-    body.update(overrides)
-    return body
 
 
 def _snapshot(settings: Settings) -> dict[str, str]:
