@@ -37,7 +37,9 @@ NAMES = ("fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd", "jsd")
 STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 
 # Tokens (rows of V logits) per chunk when chunk_size is None: about this many fp32 elements.
-_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
+# On CPU a chunk's few (rows, V) buffers then stay in the L2/L3 caches: 16 rows at V = 32000
+# ran FKL 1.3x faster than 64 rows (bench/divergences.py); smaller chunks pay more per-op overhead.
+_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 23}
 # AKL's head candidates: the 8, then 64, blocks of 64 tokens with the largest logits (head_gap)
 _BLOCK, _BLOCKS = 64, (8, 64)
 # with the histogram after them (V > _TOPK_LAST) only the first block stage pays: the second
@@ -142,23 +144,45 @@ class Workspace:
 class _Rows:
     """One chunk of tokens from tempered fp32 logits z_s, z_t (R, V).
 
-    p, q: softmax; d = log p - log q (0 where both are -inf); lse_t, lse_s: log-sum-exp (R,).
-    log p and log q themselves are built only for the divergences that need them.
+    p, q: softmax; lse_t, lse_s: log-sum-exp (R,); c = lse_s - lse_t, so that
+    d = log p - log q = (z_t - z_s) + c. The fast formulas work on delta = z_t - z_s and fold c
+    in per row (sums of x * d for x in {p, q} are x . delta + c * sum(x)); d itself is built in
+    place from delta only when a divergence needs it (``d``; 0 where both are -inf in safe
+    mode). log p and log q are built only for the divergences that need them.
+    bmax: the teacher's block maxima (R, ceil(V / _BLOCK)) when asked for (AKL's head search).
     """
 
-    def __init__(self, z_s: Tensor, z_t: Tensor, safe: bool, ws: Workspace):
+    def __init__(self, z_s: Tensor, z_t: Tensor, safe: bool, ws: Workspace, blocks: bool = False):
         r = z_s.shape[0]
         self.z_s, self.z_t, self.safe, self.ws = z_s, z_t, safe, ws
         self.p = torch.softmax(z_t, -1, out=ws.get("p", r))
         self.q = torch.softmax(z_s, -1, out=ws.get("q", r))
         # max(p) = exp(max(z) - lse): the log-normalisers from two cheap reductions, no log_softmax
         self.p_max = self.p.amax(-1)
-        self.lse_t = z_t.amax(-1) - self.p_max.log()
+        self.bmax = _block_max(z_t) if blocks else None
+        z_t_max = self.bmax.amax(-1) if self.bmax is not None else z_t.amax(-1)
+        self.lse_t = z_t_max - self.p_max.log()
         self.lse_s = z_s.amax(-1) - self.q.amax(-1).log()
-        d = torch.sub(z_t, z_s, out=ws.get("d", r)).add_((self.lse_s - self.lse_t)[:, None])
-        if safe:
-            d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-        self.d = d
+        self.c = self.lse_s - self.lse_t
+        self._delta: Tensor | None = torch.sub(z_t, z_s, out=ws.get("d", r))
+        self._d: Tensor | None = None
+
+    @property
+    def d(self) -> Tensor:
+        """log p - log q, built in place of delta (which is gone afterwards)."""
+        if self._d is None:
+            assert self._delta is not None
+            d = self._delta.add_(self.c[:, None])
+            if self.safe:
+                d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            self._d, self._delta = d, None
+        return self._d
+
+    @property
+    def delta(self) -> Tensor:
+        """z_t - z_s (before ``d`` is built)."""
+        assert self._delta is not None, "delta is gone once d is built"
+        return self._delta
 
     @property
     def lp(self) -> Tensor:
@@ -171,11 +195,17 @@ class _Rows:
     def buf(self, key: str) -> Tensor:
         return self.ws.get(key, self.p.shape[0])
 
-    def fkl(self) -> Tensor:
-        terms = torch.mul(self.p, self.d, out=self.buf("pd"))
-        if self.safe:  # 0 * -inf where p == 0 < q counts 0
+    def dot_d(self, x: Tensor) -> Tensor:
+        """Row sums of x * d for x in {p, q}; 0 * -inf counts 0 in safe mode."""
+        if self._d is None and not self.safe:  # x . delta + c sum(x): no pass to build d
+            return torch.mul(x, self._delta, out=self.buf("xd")).sum(-1) + self.c * x.sum(-1)
+        terms = torch.mul(x, self.d, out=self.buf("xd"))
+        if self.safe:
             terms.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
         return terms.sum(-1)
+
+    def fkl(self) -> Tensor:
+        return self.dot_d(self.p)
 
     def q_times_d(self, out: Tensor | None) -> Tensor:
         """q * d (into out); -sum of it is RKL. 0 where q == 0."""
@@ -185,7 +215,7 @@ class _Rows:
         return qd
 
     def rkl(self) -> Tensor:
-        return -self.q_times_d(None).sum(-1)
+        return -self.dot_d(self.q)
 
     def l1(self, x: Tensor) -> Tensor:
         """Row sums of |x| (vector_norm(ord=1) measured 5x slower on CPU)."""
@@ -194,6 +224,16 @@ class _Rows:
     def q_minus_p(self, out: Tensor | None = None) -> Tensor:
         """q - p, the FKL gradient; its row L1 norm is g_head + g_tail."""
         return torch.sub(self.q, self.p, out=self.buf("qp") if out is None else out)
+
+
+def _block_max(z: Tensor) -> Tensor:
+    """Largest logit of each block of _BLOCK tokens (the last may be short): (R, nb)."""
+    v = z.shape[-1]
+    full = (v // _BLOCK) * _BLOCK
+    parts = [z[:, :full].unflatten(-1, (v // _BLOCK, _BLOCK)).amax(-1)] if full else []
+    if full < v:
+        parts.append(z[:, full:].amax(-1, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _softmax_grad(q: Tensor, g: Tensor, out: Tensor) -> None:
@@ -234,12 +274,8 @@ def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
     z = rows.z_t
     nb = -(-v // _BLOCK)
     if nb > _BLOCKS[0]:
-        full = (v // _BLOCK) * _BLOCK
-        bmax = z[:, :full].unflatten(-1, (v // _BLOCK, _BLOCK)).amax(-1)  # (R, nb)
-        if full < v:
-            bmax = torch.cat([bmax, z[:, full:].amax(-1, keepdim=True)], dim=-1)
-        if full == v:
-            todo = _head_of_one(rows, mu, g_head, size, bmax)
+        bmax = rows.bmax if rows.bmax is not None else _block_max(z)  # (R, nb)
+        todo = _head_of_one(rows, mu, g_head, size, bmax)
         stages = _BLOCKS if v <= _TOPK_LAST else _BLOCKS[:_BLOCK_STAGES_BEFORE_BUCKETS]
         for blocks, keep in zip(stages, (64, 512)[: len(stages)], strict=True):
             if todo.numel() == 0 or nb <= blocks:
@@ -267,7 +303,8 @@ def _head_of_one(rows: _Rows, mu: float, g_head: Tensor, size: Tensor, bmax: Ten
     if not bool(one.any()):
         return torch.arange(n, device=one.device)
     block = bmax.argmax(-1, keepdim=True)  # (R, 1)
-    cols = block * _BLOCK + torch.arange(_BLOCK, device=block.device)  # (R, _BLOCK)
+    # (R, _BLOCK); a short last block repeats its last column, which is in that block
+    cols = (block * _BLOCK + torch.arange(_BLOCK, device=block.device)).clamp_(max=rows.p.shape[1] - 1)
     col = cols.gather(-1, rows.z_t.gather(-1, cols).argmax(-1, keepdim=True))  # (R, 1)
     gap = (rows.p.gather(-1, col) - rows.q.gather(-1, col)).abs_().squeeze(1)
     g_head.copy_(torch.where(one, gap, 0.0))
@@ -371,20 +408,42 @@ def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int
 
 
 def _akl_parts(rows: _Rows, mu: float, out: Tensor | None, swap: bool):
-    qd = rows.q_times_d(out)
-    rkl = -qd.sum(-1)
-    fkl = rows.fkl()
-    qp = rows.q_minus_p()
-    gap = rows.l1(qp)  # sum |p - q| = g_head + g_tail
+    if rows.safe:
+        return _akl_parts_safe(rows, mu, out, swap)
+    fkl, rkl = rows.fkl(), rows.rkl()  # from delta, before anything builds d
+    gap = torch.sub(rows.q, rows.p, out=rows.buf("abs")).abs_().sum(-1)  # sum |p - q| = g_head + g_tail
     g_head, size = head_gap(rows, mu)
+    w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
+    if out is not None:  # weights are constants:
+        # w_f (q - p) - w_r q (d + rkl) = q (a - w_r delta) - w_f p, a = w_f - w_r (rkl + c)
+        # in place on delta (cache-resident), one write into out
+        a = w_f - w_r * (rkl + rows.c)
+        x = rows.delta.mul_(w_r.neg()[:, None]).add_(a[:, None]).mul_(rows.q)
+        torch.addcmul(x, rows.p, w_f.neg()[:, None], out=out)
+    return w_f * fkl + w_r * rkl, stats
+
+
+def _akl_weights(fkl, rkl, gap, g_head, size, swap: bool):
     g_tail = (gap - g_head).clamp_min_(0.0)
     # p == q gives 0 / 0 in the authors' code; take 0.5 / 0.5 (the loss is 0 there anyway).
     w_head = torch.where(gap > 0, g_head / gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.5)
     w_f = 1.0 - w_head if swap else w_head  # AKL-r swaps the weights
     w_r = 1.0 - w_f
-    if out is not None:  # weights are constants
-        _finish_mixed_grad(rows, qd, rkl, w_f, w_r, qp)
     stats = {"fkl": fkl, "rkl": rkl, "g_head": g_head, "g_tail": g_tail, "w_head": w_head, "head_size": size}
+    return w_f, w_r, stats
+
+
+def _akl_parts_safe(rows: _Rows, mu: float, out: Tensor | None, swap: bool):
+    """AKL with the guards -inf logits need (d built, 0 * inf counted 0)."""
+    qd = rows.q_times_d(out)
+    rkl = -qd.sum(-1)
+    fkl = rows.fkl()
+    qp = rows.q_minus_p()
+    gap = rows.l1(qp)
+    g_head, size = head_gap(rows, mu)
+    w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
+    if out is not None:
+        _finish_mixed_grad(rows, qd, rkl, w_f, w_r, qp)
     return w_f * fkl + w_r * rkl, stats
 
 
@@ -540,7 +599,7 @@ def divergence_chunk(
 
 
 def _per_token(name, z_s, z_t, opts, ws, out, safe: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    rows = _Rows(z_s, z_t, safe, ws)
+    rows = _Rows(z_s, z_t, safe, ws, blocks=name in ("akl", "akl_r") or opts.all_stats)
     loss, stats = _PER_TOKEN[name](rows, opts, out)
     if opts.all_stats:
         stats = dict(stats)
