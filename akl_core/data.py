@@ -162,9 +162,22 @@ def _string(
         return None
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    _check_unicode(value, f"{where}: field '{key}'")
     if not empty_ok and not value.strip():
         raise DataError(f"{where}: field '{key}' is empty")
     return value
+
+
+def _check_unicode(value: str, where: str) -> None:
+    """Refuse lone UTF-16 surrogates: JSON lets "\\ud800" through, but no tokenizer, database or
+    file can encode the text (UTF-8 has no such character)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where} holds a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x} at character "
+            f"{exc.start}); escape a character outside the BMP as a surrogate pair, or write it as UTF-8"
+        ) from None
 
 
 def _parse_row(row: dict[str, Any], fmt: str, where: str, number: int) -> Example:
@@ -198,6 +211,7 @@ def _parse_messages(messages: Any, where: str) -> list[dict[str, str]]:
         content = msg.get("content")
         if not isinstance(content, str):
             raise DataError(f"{at}.content must be a string, got {type(content).__name__}")
+        _check_unicode(content, f"{at}.content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise DataError(f"{where}: field 'messages': the last message must have role 'assistant'")

@@ -29,6 +29,7 @@ from worker import leases
 from worker.leases import ClaimedJob, SessionFactory
 from worker.options import WorkerOptions
 from worker.recorder import EventRecorder
+from worker.redact import Redact, make_redactor
 from worker.specs import SpecError, resolve_spec
 from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, RunResult, Supervisor
 
@@ -44,6 +45,10 @@ class WorkerContext:
     session_factory: SessionFactory
     enqueue: Enqueue
     shutdown: threading.Event = field(default_factory=threading.Event)
+    redact: Redact = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redact = make_redactor(self.settings)
 
 
 def run_job(job_id: str, ctx: WorkerContext) -> str:
@@ -148,6 +153,7 @@ def _supervise(
     recorder = EventRecorder(
         ctx.session_factory, job.id, owner, output_dir,
         flush_interval_s=opts.flush_interval_s, flush_max_events=opts.flush_max_events,
+        redact=ctx.redact,
     )  # fmt: skip
     heartbeat = Heartbeat(ctx.session_factory, job.id, owner, opts)
 
@@ -227,6 +233,7 @@ def _step(result: RunResult) -> int:
 def _end(ctx: WorkerContext, job_id: str, owner: str, status: str, message: str, **values: Any) -> str:
     """Finish the job (retrying through a database blip) and log it in its events."""
     error_code = values.pop("error_code", None)
+    message = ctx.redact(message)
     if _retrying(
         leases.finish, ctx.session_factory, job_id, owner, status,
         error_code=error_code, error_message=message if error_code else None, **values,

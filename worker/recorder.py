@@ -35,6 +35,7 @@ from api.db.models import (
     utcnow,
 )
 from worker.leases import SessionFactory
+from worker.redact import Redact, redact_value
 from worker.supervisor import read_events
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class EventRecorder:
         *,
         flush_interval_s: float = 1.5,
         flush_max_events: int = 200,
+        redact: Redact | None = None,
     ):
+        self.redact: Redact = redact or (lambda text: text)  # server paths out of what tenants read
         self.session_factory = session_factory
         self.job_id = job_id
         self.owner = owner
@@ -163,7 +166,7 @@ class EventRecorder:
                     is_final=True,
                 )
             if kind in LOGGED_TYPES:
-                session.add(_job_event(self.job_id, event))
+                session.add(_job_event(self.job_id, event, self.redact))
         self._flush_steps(session, steps)
         if any(e.get("type") in ("started", "checkpoint", "stopped", "completed") for e in events):
             self._prune_checkpoints(session)
@@ -270,11 +273,12 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _job_event(job_id: str, event: Event) -> JobEvent:
+def _job_event(job_id: str, event: Event, redact: Redact) -> JobEvent:
     kind = str(event.get("type"))
     level = "error" if kind == "error" else str(event.get("level") or "info")
-    message = str(event.get("message") or _summary(event))
+    message = redact(str(event.get("message") or _summary(event)))
     data = _finite({k: v for k, v in event.items() if k not in ("type", "level", "message")})
+    data = redact_value(data, redact)
     return JobEvent(job_id=job_id, type=kind[:32], level=level[:16], message=message, data=data or None)
 
 

@@ -118,6 +118,14 @@ GOOD = b'{"prompt": "p", "response": "r"}\n'
         (GOOD + b'{"prompt": "p", "response": 5}\n', r"line 2: field 'response' must be a string"),
         (GOOD + b'{"prompt": ["p"], "response": "r"}\n', r"line 2: field 'prompt' must be a string"),
         (GOOD + b'{"prompt": "p", "response": "  "}\n', r"line 2: field 'response' is empty"),
+        (
+            GOOD + b'{"prompt": "a\\ud800b", "response": "r"}\n',
+            r"line 2: field 'prompt' holds a lone UTF-16 surrogate \(\\ud800 at character 1\)",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\\udfff"}]}\n',
+            r"line 1: messages\[1\].content holds a lone UTF-16 surrogate",
+        ),
         (b'{"text": "x"}\n', r"line 1: cannot detect the format"),
         (b"", r"no examples"),
         (b"\n  \n", r"no examples"),
@@ -162,6 +170,12 @@ def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
         data.read_examples(tmp_path / "none.jsonl")
     with pytest.raises(DataError, match="unknown format"):
         data.read_examples("demo:test", format="alpaca")
+
+
+def test_a_surrogate_pair_is_one_character_and_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "emoji.jsonl"
+    f.write_bytes(b'{"prompt": "smile \\ud83d\\ude00", "response": "r"}\n')
+    assert data.read_examples(f)[0].prompt == "smile \U0001f600"
 
 
 def test_validate_jsonl_bytes() -> None:

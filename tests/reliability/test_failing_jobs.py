@@ -104,6 +104,14 @@ def test_failing_jobs_end_failed_once_with_a_stable_code_and_an_actionable_messa
     assert "no space left" in jobs["disk"].error_message.lower()
     for name in ("broken", "code", "pickle"):
         assert cases[name]["teacher"] in jobs[name].error_message  # names the model
+    # ... but not where the server keeps it (RELIABILITY.md #8): roots read as <models>, <data>
+    roots = {stack.env["AKL_MODELS_ROOT"], stack.env["AKL_DATA_ROOT"], str(tmp_path)}
+    roots |= {os.path.realpath(r) for r in roots}
+    for name, job in jobs.items():
+        events = http.get(f"/v1/jobs/{ids[name]}/events").json()
+        texts = [job.error_message, json.dumps(events)]
+        assert not [r for r in roots for t in texts if r in t], (name, texts)
+    assert "<models>/broken" in jobs["broken"].error_message  # the loader quoted its path
     assert not (tmp_path / "pwned-by-code").exists()  # trust_remote_code is never on
     assert not (tmp_path / "pwned-by-pickle").exists()  # safetensors only: no pickle is loaded
     http.close()

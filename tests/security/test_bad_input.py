@@ -59,6 +59,7 @@ BAD_JSONL = {
     "NaN for a string": (b'{"prompt": NaN, "response": "b"}\n', "prompt"),
     "null line": (b"null\n", "line 1"),
     "bare string line": (b'"prompt"\n', "line 1"),
+    "lone surrogate escape": (b'{"prompt": "a\\ud800", "response": "b"}\n', "lone UTF-16 surrogate"),
     "bad role": (b'{"messages": [{"role": "root", "content": "x"}]}\n', "role"),
     "empty messages": (b'{"messages": []}\n', "messages"),
     "good then bad": (GOOD * 3 + b'{"prompt": "a"}\n', "line 4"),
