@@ -30,6 +30,18 @@ import sys
 import time
 from pathlib import Path
 
+# how the table and the plots name each method
+LABELS = {
+    "sft": "SFT",
+    "fkl": "FKL",
+    "rkl": "RKL",
+    "fkl_rkl": "FKL+RKL",
+    "akl": "AKL",
+    "akl_r": "AKL-r",
+    "skl": "SKL",
+    "srkl": "SRKL",
+}
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl")
 SUMMARY = ROOT / "experiments" / "results" / "compare_losses.json"
@@ -310,6 +322,8 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
                 for k in ("g_head", "g_tail")
             }
     summary["paired"] = paired(summary["runs"])
+    if not summary["methods"]:  # never replace a stored study with an empty one
+        raise SystemExit(f"no finished runs under {out_root}; {SUMMARY} is left as it was")
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=1))
     if not quiet:
@@ -358,23 +372,13 @@ def table(summary: dict) -> str:
             f"| Teacher | - | {t['rouge_l']:.2f} (± {t['rouge_l_std']:.2f} over sampling seeds) | "
             f"{t['distinct_1']:.3f} | {t['distinct_2']:.3f} | 0 | {t['val_ce']:.3f} |"
         )
-    names = {
-        "sft": "SFT",
-        "fkl": "FKL",
-        "rkl": "RKL",
-        "fkl_rkl": "FKL+RKL",
-        "akl": "AKL",
-        "akl_r": "AKL-r",
-        "skl": "SKL",
-        "srkl": "SRKL",
-    }
     for m, agg in summary["methods"].items():
 
         def f(k: str, d: int, agg: dict = agg) -> str:
             return f"{agg[k]['mean']:.{d}f} ± {agg[k]['std']:.{d}f}"
 
         rows.append(
-            f"| {names.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} | {f('distinct_1', 3)} | "
+            f"| {LABELS.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} | {f('distinct_1', 3)} | "
             f"{f('distinct_2', 3)} | {f('val_kl', 3)} | {f('val_ce', 3)} |"
         )
     return "\n".join(rows)

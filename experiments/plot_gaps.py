@@ -17,19 +17,11 @@ import json
 import statistics
 from pathlib import Path
 
+from compare_losses import LABELS  # run as a script: experiments/ is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = ROOT / "experiments" / "results" / "compare_losses.json"
 FIGURES = ROOT / "docs" / "figures"
-NAMES = {
-    "sft": "SFT",
-    "fkl": "FKL",
-    "rkl": "RKL",
-    "fkl_rkl": "FKL+RKL",
-    "akl": "AKL",
-    "akl_r": "AKL-r",
-    "skl": "SKL",
-    "srkl": "SRKL",
-}
 STYLE = {
     "sft": ("0.5", ":"),
     "fkl": ("tab:blue", "-"),
@@ -79,7 +71,7 @@ def main() -> None:
                 steps, h = ratio_to_sft(runs, m, key) if relative else mean_history(r, key)
                 h = smooth(h)
                 color, ls = STYLE.get(m, ("0.3", "-"))
-                ax.plot(steps, h, color=color, ls=ls, lw=1.4, label=NAMES.get(m, m))
+                ax.plot(steps, h, color=color, ls=ls, lw=1.4, label=LABELS.get(m, m))
             part = "head (cumulative teacher mass 0.5)" if key == "g_head" else "tail (the rest)"
             ax.set_title(f"{key}: sum |p-q| on the {part}" + (" / SFT's" if relative else ""), fontsize=9)
             ax.set_xlabel("optimizer step")
