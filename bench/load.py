@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.reliability.conftest import RedisServer, Stack, TcpProxy  # noqa: E402
+from tests.reliability.conftest import Stack, running_stack  # noqa: E402
 from tests.worker import services  # noqa: E402
 
 
@@ -221,41 +221,27 @@ def main(argv=None) -> int:
     if not services.postgres_available():
         print("PostgreSQL is not reachable at AKL_TEST_POSTGRES_URL", file=sys.stderr)
         return 2
-    from sqlalchemy.engine import make_url
-
     from akl_core import models
+
+    def worker_settings(stack: Stack) -> None:
+        stack.env.update(AKL_WORKER_RUNNER_MODULE=args.runner, AKL_WORKER_REQUEUE_AFTER_S="60",
+                         AKL_WORKER_LEASE_S="30", AKL_WORKER_HEARTBEAT_S="5")  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="akl-load-") as tmp:
         root = Path(tmp)
         models_root = args.models_root or root / "models"
         models.prepare_preset(models.TINY, models_root)
-        redis = RedisServer(root / "redis.log")
-        redis.start()
-        try:
-            with services.postgres_database() as db_url:
-                proxy = TcpProxy(make_url(db_url).port or 5432)
-                proxy.restore()
-                stack = Stack(root, db_url, models_root, redis, proxy)
-                stack.env.update(AKL_WORKER_RUNNER_MODULE=args.runner, AKL_WORKER_REQUEUE_AFTER_S="60",
-                                 AKL_WORKER_LEASE_S="30", AKL_WORKER_HEARTBEAT_S="5")  # fmt: skip
-                try:
-                    stack.start_api()
-                    for i in range(args.workers):
-                        stack.start_worker(f"worker{i}")
-                    keys = [stack.new_key(f"load-{uuid.uuid4().hex[:6]}") for _ in range(2)]
-                    began = time.monotonic()
-                    submitted = submit_phase(stack, keys, args)
-                    job_ids = [(int(k.split(":")[0]), ids[0]) for k, ids in submitted["ids_by_key"].items()]
-                    polled = poll_phase(stack, keys, job_ids, args)
-                    drained = drain_phase(stack, [j for _, j in job_ids], args.time_limit)
-                    drained["since_first_submit_s"] = time.monotonic() - began
-                    accounting = account(stack, submitted, expected_steps(args))
-                finally:
-                    stack.stop_all()
-                    stack.close()
-                    proxy.cut()
-        finally:
-            redis.kill()
+        with running_stack(root, models_root, configure=worker_settings) as stack:
+            for i in range(args.workers):
+                stack.start_worker(f"worker{i}")
+            keys = [stack.new_key(f"load-{uuid.uuid4().hex[:6]}") for _ in range(2)]
+            began = time.monotonic()
+            submitted = submit_phase(stack, keys, args)
+            job_ids = [(int(k.split(":")[0]), ids[0]) for k, ids in submitted["ids_by_key"].items()]
+            polled = poll_phase(stack, keys, job_ids, args)
+            drained = drain_phase(stack, [j for _, j in job_ids], args.time_limit)
+            drained["since_first_submit_s"] = time.monotonic() - began
+            accounting = account(stack, submitted, expected_steps(args))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     submitted.pop("ids_by_key")
     result = {

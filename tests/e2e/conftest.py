@@ -13,29 +13,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.reliability.conftest import tiny_job
 from tests.worker import services
-
-DEMO = services.REPO / "akl_core" / "datasets" / "demo" / "train.jsonl"
 
 
 def tiny_spec(workdir: Path, *, steps: int = 6, checkpoint_every: int = 3) -> dict:
-    """A job on the tiny preset whose training data is a local file (the client uploads it)."""
-    train = workdir / "train.jsonl"
-    train.write_text(
-        "".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8"
+    """The reliability suite's tiny job (data from a local file the client uploads), with longer
+    sequences and a little more validation and generation."""
+    return tiny_job(
+        workdir,
+        steps=steps,
+        checkpoint_every=checkpoint_every,
+        data={"max_validation_examples": 4},
+        training={"max_length": 96, "max_prompt_length": 64},
+        evaluation={"max_new_tokens": 8},
     )
-    return {
-        "teacher": "preset:tiny",
-        "student": {"init": "truncate", "num_layers": 2},
-        "data": {"train": str(train), "validation": "demo:validation", "max_validation_examples": 4},
-        "loss": {"name": "akl"},
-        "training": {"max_steps": steps, "batch_size": 2, "learning_rate": 1e-3, "max_length": 96,
-                     "max_prompt_length": 64},
-        "evaluation": {"num_examples": 2, "seeds": [10], "max_new_tokens": 8, "batch_size": 2,
-                       "teacher_reference": False},
-        "checkpointing": {"every_steps": checkpoint_every, "keep": 2},
-        "resources": {"device": "cpu"},
-    }  # fmt: skip
 
 
 def load_and_generate(model_dir: Path) -> str:

@@ -10,6 +10,7 @@ started in its own process group and killed in the finalizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,18 +343,24 @@ def crash(worker: subprocess.Popen) -> None:
     worker.wait(timeout=10)
 
 
-@pytest.fixture
-def stack(models_root: Path, tmp_path: Path) -> Iterator[Stack]:
-    """A fresh stack with the API up and no worker yet (tests start and kill their workers)."""
-    if not services.postgres_available():
-        pytest.skip("PostgreSQL is not reachable at AKL_TEST_POSTGRES_URL")
-    redis = RedisServer(tmp_path / "redis.log")
+@contextlib.contextmanager
+def running_stack(
+    root: Path,
+    models_root: Path,
+    redis: RedisServer | None = None,
+    configure: Callable[[Stack], None] | None = None,
+) -> Iterator[Stack]:
+    """Our own Redis, a fresh PostgreSQL database behind a proxy that can be cut, and the API
+    (``configure`` edits the stack's environment first); no worker yet. Torn down on exit."""
+    redis = redis or RedisServer(root / "redis.log")
     redis.start()
     try:
         with services.postgres_database() as db_url:
             proxy = TcpProxy(make_url(db_url).port or 5432)
             proxy.restore()
-            s = Stack(tmp_path, db_url, models_root, redis, proxy)
+            s = Stack(root, db_url, models_root, redis, proxy)
+            if configure is not None:
+                configure(s)
             try:
                 s.start_api()
                 yield s
@@ -363,3 +370,12 @@ def stack(models_root: Path, tmp_path: Path) -> Iterator[Stack]:
                 proxy.cut()
     finally:
         redis.kill()
+
+
+@pytest.fixture
+def stack(models_root: Path, tmp_path: Path) -> Iterator[Stack]:
+    """A fresh stack with the API up and no worker yet (tests start and kill their workers)."""
+    if not services.postgres_available():
+        pytest.skip("PostgreSQL is not reachable at AKL_TEST_POSTGRES_URL")
+    with running_stack(tmp_path, models_root) as s:
+        yield s

@@ -21,7 +21,7 @@ from api.db.models import JobEvent
 from api.db.session import get_engine
 from api.deps import get_current_tenant
 from api.main import create_app
-from tests.reliability.conftest import RedisServer, Stack, TcpProxy, tiny_job
+from tests.reliability.conftest import RedisServer, Stack, running_stack, tiny_job
 from tests.worker import services
 
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -115,26 +115,16 @@ def secret_stack(models_root: Path, tmp_path: Path) -> Iterator[Stack]:
     trusts loopback here, so the password is sent but not checked)."""
     if not services.postgres_available():
         pytest.skip("PostgreSQL is not reachable at AKL_TEST_POSTGRES_URL")
+
+    def with_db_password(stack: Stack) -> None:
+        stack.service_db_url = (
+            make_url(stack.service_db_url).set(password=DB_PASSWORD).render_as_string(hide_password=False)
+        )
+        stack.env["AKL_DATABASE_URL"] = stack.service_db_url
+
     redis = RedisServer(tmp_path / "redis-server.out", password=REDIS_PASSWORD)
-    redis.start()
-    try:
-        with services.postgres_database() as db_url:
-            proxy = TcpProxy(make_url(db_url).port or 5432)
-            proxy.restore()
-            stack = Stack(tmp_path, db_url, models_root, redis, proxy)
-            stack.service_db_url = (
-                make_url(stack.service_db_url).set(password=DB_PASSWORD).render_as_string(hide_password=False)
-            )
-            stack.env["AKL_DATABASE_URL"] = stack.service_db_url
-            try:
-                stack.start_api()
-                yield stack
-            finally:
-                stack.stop_all()
-                stack.close()
-                proxy.cut()
-    finally:
-        redis.kill()
+    with running_stack(tmp_path, models_root, redis, configure=with_db_password) as stack:
+        yield stack
 
 
 @pytest.mark.integration
