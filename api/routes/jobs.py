@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Response, status
 
+from api.core import quotas
 from api.core.job_refs import RefError, resolve_spec
 from api.crud import jobs as jobs_crud
 from api.db.models import Job
@@ -31,7 +32,12 @@ def _conflict(exc: jobs_crud.IdempotencyConflict) -> HTTPException:
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Idempotency-Key reused"}}
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        409: {"description": "Idempotency-Key reused"},
+        429: {"description": "the tenant's queued plus running jobs are at AKL_MAX_ACTIVE_JOBS"},
+    },
 )
 def create_job(
     body: JobCreate,
@@ -54,9 +60,15 @@ def create_job(
             if existing is not None:
                 response.headers["Idempotent-Replayed"] = "true"
                 return JobPublic.from_row(jobs_crud.replay(existing, spec_json, body.metadata)[0])
+        quotas.check_spec_size(spec_json, body.metadata, settings)
         resolved = resolve_spec(spec, session=session, tenant_id=tenant.id, settings=settings)
+        quotas.check_job_work(spec, session=session, tenant_id=tenant.id, settings=settings)
+        # Last: a 429 says "later", which must not hide a 422 that no retry can fix.
+        quotas.check_active_jobs(session=session, tenant_id=tenant.id, settings=settings)
     except RefError as exc:
         raise HTTPException(exc.status_code, f"{exc.field}: {exc.message}") from None
+    except quotas.QuotaError as exc:
+        raise HTTPException(exc.status_code, exc.message) from None
     except jobs_crud.IdempotencyConflict as exc:
         raise _conflict(exc) from None
     queue = queue_for(spec.resources.device, settings)
@@ -86,11 +98,13 @@ def create_job(
 def list_jobs(
     tenant: CurrentTenant,
     session: SessionDep,
+    settings: SettingsDep,
     status: JobStatus | None = None,
     after: str | None = Query(None, max_length=64, description="the last job id of the previous page"),
     limit: int = Query(20, ge=1, le=100),
 ) -> Page[JobPublic]:
-    """List this tenant's jobs, newest first (cursor pagination with `after`)."""
+    """List this tenant's jobs, newest first (cursor pagination with `after`; a page also ends
+    early, with has_more, once it passes AKL_MAX_LIST_BYTES)."""
     cursor = None
     if after is not None:
         cursor = jobs_crud.get_job(session=session, tenant_id=tenant.id, job_id=after)
@@ -100,7 +114,8 @@ def list_jobs(
         session=session, tenant_id=tenant.id, status=status, after=cursor, limit=limit
     )
     data = [JobPublic.from_row(row) for row in rows]
-    return Page[JobPublic].of(data, has_more)
+    page = quotas.within_page_budget(data, settings.max_list_bytes)
+    return Page[JobPublic].of(page, has_more or len(page) < len(data))
 
 
 @router.get("/{job_id}")

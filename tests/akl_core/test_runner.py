@@ -33,8 +33,8 @@ def write_spec(path: Path, **training) -> Path:
     return path
 
 
-def runner(models_root: Path, *args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "PYTHONUNBUFFERED": "1"}
+def runner(models_root: Path, *args: str, env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "akl_core.runner", *args],
         stdout=subprocess.PIPE,
@@ -115,3 +115,38 @@ def test_cli_distill_runs_the_tiny_example(models_root, tmp_path, monkeypatch):
     assert metrics["num_examples"] == 4 and 0.0 <= metrics["distinct_2"] <= 1.0
     assert (tmp_path / "out/final/model.safetensors").is_file()
     assert [p.name for p in sorted((tmp_path / "out/checkpoints").iterdir())] == ["step-00000004"]
+
+
+def test_cuda_without_a_gpu_is_an_error_event_no_gpu(models_root, tmp_path):
+    """Fails before the run's event sink exists; the error still reaches stdout and events.jsonl."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps({**json.loads(write_spec(spec).read_text()), "resources": {"device": "cuda"}})
+    )
+    proc = runner(models_root, str(spec), str(tmp_path / "out"), env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    (event,) = [json.loads(line) for line in out.splitlines()]
+    assert event["type"] == "error" and event["code"] == "no_gpu"
+    assert "resources.device" in event["message"] and "cpu" in event["message"]
+    assert [json.loads(line) for line in (tmp_path / "out/events.jsonl").read_text().splitlines()] == [event]
+
+
+def test_a_failure_without_an_error_event_gets_one(tmp_path, monkeypatch):
+    """The runner's own guarantee: whatever raises before (or without) an event, one error event."""
+    import io
+
+    from akl_core import runner as runner_module
+    from akl_core import trainer
+    from akl_core.events import DistillError
+
+    def fails_silently(*args, **kwargs):
+        raise DistillError("no_gpu", "no CUDA here")
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(trainer, "distill", fails_silently)
+    assert runner_module.main([str(write_spec(tmp_path / "spec.json")), str(tmp_path / "out")]) == 1
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"type": "error", "code": "no_gpu", "message": "no CUDA here"}
+    ]

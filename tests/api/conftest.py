@@ -101,6 +101,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template
 def settings(tmp_path: Path, database_url: str) -> Settings:
     models_root = tmp_path / "models"
     (models_root / "my-student").mkdir(parents=True)
+    (models_root / "my-student" / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         environment="local",
