@@ -82,10 +82,8 @@ def _demo_examples(split: str) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def count_examples(ref: str | None, *, session: Session, tenant_id: int) -> int:
-    """Examples in a data reference already checked by api.core.job_refs (0 for None)."""
-    if ref is None:
-        return 0
+def count_examples(ref: str, *, session: Session, tenant_id: int) -> int:
+    """Examples in a data reference already checked by api.core.job_refs."""
     if ref.startswith("demo:"):
         return _demo_examples(ref.split(":", 1)[1])
     row = files_crud.get_file(session=session, tenant_id=tenant_id, file_id=ref)
@@ -102,16 +100,14 @@ def train_tokens(spec: JobSpec, train_examples: int) -> tuple[int, int]:
     return steps, steps * per_step * t.max_length
 
 
-def eval_tokens(spec: JobSpec, steps: int, validation_examples: int) -> int:
-    """New tokens generated: evaluations (every_steps, the final one, the teacher's once) x
-    examples x seeds x max_new_tokens. No validation data, no evaluation (akl_core/trainer.py)."""
+def eval_tokens(spec: JobSpec, steps: int) -> int:
+    """New tokens the spec asks to generate: evaluations (one per every_steps, the final one, the
+    teacher's once) x num_examples x seeds x max_new_tokens. Counted as asked, not as the
+    validation data would cut it: the budget reads the spec alone."""
     e = spec.evaluation
-    examples = min(
-        e.num_examples, validation_examples, spec.data.max_validation_examples or validation_examples
-    )
     runs = (steps - 1) // e.every_steps + 1 if e.every_steps else 1
     runs += 1 if e.teacher_reference else 0
-    return runs * examples * len(e.seeds) * e.max_new_tokens
+    return runs * e.num_examples * len(e.seeds) * e.max_new_tokens
 
 
 def check_job_work(spec: JobSpec, *, session: Session, tenant_id: int, settings: Settings) -> None:
@@ -124,8 +120,7 @@ def check_job_work(spec: JobSpec, *, session: Session, tenant_id: int, settings:
             f"processes x max_length) is {tokens} tokens; the limit (AKL_MAX_TRAIN_TOKENS) is "
             f"{settings.max_train_tokens}: lower max_steps, epochs, batch_size or max_length",
         )
-    validation = count_examples(spec.data.validation, session=session, tenant_id=tenant_id)
-    generated = eval_tokens(spec, steps, validation)
+    generated = eval_tokens(spec, steps)
     if generated > settings.max_eval_tokens:
         raise QuotaError(
             422,
