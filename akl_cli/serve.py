@@ -25,6 +25,23 @@ def service_env(data_root: Path) -> dict[str, str]:
     return {**os.environ, "AKL_DATA_ROOT": str(data_root.resolve()), "PYTHONUNBUFFERED": "1"}
 
 
+def machine_has_gpu() -> bool:
+    """Whether a CUDA (or ROCm) device is visible here. Torch-free, from the device nodes: without
+    one torch.cuda cannot be available, and importing torch would cost `akl serve` seconds."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists()
+
+
+def gpu_workers(queues: str, gpu_queue: str, has_gpu: bool) -> str:
+    """AKL_GPU_WORKERS for the children: the embedded workers serve the gpu queue with a GPU only
+    when both hold; otherwise the API refuses resources.device=cuda at submission (422) instead
+    of queueing a job that can only fail (api/core/job_refs.py)."""
+    served = gpu_queue in [q.strip() for q in queues.split(",")]
+    return "true" if served and has_gpu else "false"
+
+
 def api_argv(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)]
 
@@ -93,6 +110,8 @@ def serve(
     data_root.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
     env = service_env(data_root)
+    if "gpu_workers" not in settings.model_fields_set:  # the operator's own AKL_GPU_WORKERS wins
+        env["AKL_GPU_WORKERS"] = gpu_workers(queues, settings.gpu_queue, machine_has_gpu())
     stopping = {"signal": 0}
 
     def on_signal(signum: int, _frame: object) -> None:
