@@ -56,6 +56,20 @@ def test_traversal_refused(models_root: Path, ref: str) -> None:
     assert ref in str(err.value)
 
 
+@pytest.mark.parametrize("ref", [".", "./", "./.", ".//"])
+def test_the_root_itself_is_refused(models_root: Path, ref: str) -> None:
+    with pytest.raises(ModelError, match="names the models root itself") as err:
+        resolve_model_ref(ref, models_root)
+    assert err.value.code == "invalid_model"
+
+
+def test_preset_layer_counts_match_what_is_built(tiny_teacher_path: Path) -> None:
+    """The API checks student.num_layers against PRESET_LAYERS before a preset is built."""
+    config = json.loads((tiny_teacher_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == models.PRESET_LAYERS[models.TINY]
+    assert models.can_prepare_preset(models.TINY) and not models.can_prepare_preset("gpt-17")
+
+
 def test_symlink_escaping_root_refused(tmp_path: Path) -> None:
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
@@ -269,6 +283,12 @@ def test_config_student_with_overrides_is_seeded(tiny_teacher_path: Path) -> Non
     assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
     assert a(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 768)
+
+
+def test_config_student_larger_than_the_teacher_is_refused(tiny_teacher_path: Path) -> None:
+    with pytest.raises(ModelError, match="at most the teacher's 4 layers") as err:
+        models.build_student(StudentSpec(init="config", num_layers=5), tiny_teacher_path)
+    assert err.value.code == "invalid_model"
 
 
 @pytest.mark.parametrize(
