@@ -33,7 +33,9 @@ def write_spec(path: Path, **training) -> Path:
     return path
 
 
-def runner(models_root: Path, *args: str, env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+def runner(
+    models_root: Path, *args: str, env_extra: dict[str, str] | None = None, **popen
+) -> subprocess.Popen:
     env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "akl_core.runner", *args],
@@ -120,9 +122,7 @@ def test_cli_distill_runs_the_tiny_example(models_root, tmp_path, monkeypatch):
 def test_cuda_without_a_gpu_is_an_error_event_no_gpu(models_root, tmp_path):
     """Fails before the run's event sink exists; the error still reaches stdout and events.jsonl."""
     spec = tmp_path / "spec.json"
-    spec.write_text(
-        json.dumps({**json.loads(write_spec(spec).read_text()), "resources": {"device": "cuda"}})
-    )
+    spec.write_text(json.dumps({**json.loads(write_spec(spec).read_text()), "resources": {"device": "cuda"}}))
     proc = runner(models_root, str(spec), str(tmp_path / "out"), env_extra={"CUDA_VISIBLE_DEVICES": ""})
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
