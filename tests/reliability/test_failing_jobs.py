@@ -1,6 +1,7 @@
 """Jobs that cannot succeed end ``failed`` once, with a stable error code and a message a user
 can act on: a broken model, a teacher that makes the loss NaN, a model that asks to run its own
-code or to be unpickled (neither is ever done), and a full disk (a real ENOSPC from /dev/full)."""
+code or to be unpickled (neither is ever done), a full disk (a real ENOSPC from /dev/full), and a
+cuda job on a worker without a GPU."""
 
 from __future__ import annotations
 
@@ -38,9 +39,11 @@ def models_root(models_root: Path, tmp_path: Path) -> Path:
     tiny = root / "tiny"
     shutil.copytree(models_root / "tiny", tiny)
 
+    # A config.json that is not JSON is refused at submission now (tests/api/test_job_refs.py);
+    # weights that are not safetensors pass that check and fail in the worker.
     broken = root / "broken"
     shutil.copytree(tiny, broken)
-    (broken / "config.json").write_text("{ this is not json", encoding="utf-8")
+    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
 
     nan = root / "nan-teacher"
     shutil.copytree(tiny, nan)
@@ -75,6 +78,7 @@ def test_failing_jobs_end_failed_once_with_a_stable_code_and_an_actionable_messa
         "code": tiny_job(tmp_path, steps=3, teacher="evil-code"),
         "pickle": tiny_job(tmp_path, steps=3, teacher="evil-pickle"),
         "disk": tiny_job(tmp_path, steps=3),
+        "gpu": tiny_job(tmp_path, steps=3, resources={"device": "cuda"}),
     }
     ids = {name: stack.submit(http, spec) for name, spec in cases.items()}
     # Disk full: the run's event log is /dev/full, so its first write fails with ENOSPC.
@@ -82,7 +86,8 @@ def test_failing_jobs_end_failed_once_with_a_stable_code_and_an_actionable_messa
     disk_dir.mkdir(parents=True)
     os.symlink("/dev/full", disk_dir / "events.jsonl")
 
-    stack.start_worker("w")  # after the set-up above: no job could start before it
+    # after the set-up above: no job could start before it; with no GPU visible even on a GPU machine
+    stack.start_worker("w", CUDA_VISIBLE_DEVICES="")
     try:
         jobs = {n: stack.wait_job(i, lambda j: j.status == "failed", 120, n) for n, i in ids.items()}
     finally:
@@ -94,6 +99,7 @@ def test_failing_jobs_end_failed_once_with_a_stable_code_and_an_actionable_messa
         "code": "model_not_found",
         "pickle": "model_not_found",
         "disk": "disk_full",
+        "gpu": "no_gpu",  # failed before the runner's event sink existed: once internal_error
     }, {n: (j.error_code, j.error_message) for n, j in jobs.items()}
     for name, job in jobs.items():
         body = http.get(f"/v1/jobs/{ids[name]}").json()
@@ -102,6 +108,7 @@ def test_failing_jobs_end_failed_once_with_a_stable_code_and_an_actionable_messa
         assert 10 < len(job.error_message) < 2000 and "Traceback" not in job.error_message, job.error_message
     assert "learning_rate" in jobs["nan"].error_message  # says what to change
     assert "no space left" in jobs["disk"].error_message.lower()
+    assert "resources.device" in jobs["gpu"].error_message
     for name in ("broken", "code", "pickle"):
         assert cases[name]["teacher"] in jobs[name].error_message  # names the model
     # ... but not where the server keeps it (RELIABILITY.md #8): roots read as <models>, <data>
