@@ -91,6 +91,24 @@ def test_akl_serve_runs_a_job_submitted_with_the_cli(embedded: Embedded, tmp_pat
     assert load_and_generate(tmp_path / model_dir)
 
 
+def test_cuda_jobs_are_refused_when_the_machine_has_no_gpu(embedded: Embedded):
+    """`akl serve` tells its API whether its workers can run cuda jobs (akl_cli/serve.py)."""
+    from akl_cli.serve import machine_has_gpu
+
+    body = {"teacher": "preset:tiny", "student": {"init": "truncate", "num_layers": 1},
+            "data": {"train": "demo:train"}, "training": {"max_steps": 1}, "resources": {"device": "cuda"}}  # fmt: skip
+    with embedded.http() as http:
+        response = http.post("/v1/jobs", json=body)
+        if machine_has_gpu():
+            assert response.status_code == 201, response.text
+            http.post(f"/v1/jobs/{response.json()['id']}/cancel")
+        else:
+            assert response.status_code == 422, response.text
+            assert "AKL_GPU_WORKERS=false" in response.json()["detail"]
+            jobs = http.get("/v1/jobs").json()["data"]
+            assert all(job["spec"]["resources"]["device"] != "cuda" for job in jobs)  # none stored
+
+
 def test_ctrl_c_hands_a_running_job_back_and_the_next_serve_resumes_it(embedded: Embedded, tmp_path: Path):
     env, data_root = embedded.env, embedded.data_root
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(tiny_spec(tmp_path, steps=400, checkpoint_every=1000)))
