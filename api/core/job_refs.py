@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from akl_core.data import BUILTIN_REFS  # torch-free at import
 from akl_core.spec import JobSpec
 from api.core.config import Settings
 from api.crud import files as files_crud
@@ -20,7 +21,6 @@ from api.crud import files as files_crud
 # The presets akl_core.models knows (docs/architecture.md#model-references); kept here because
 # akl_core.models imports torch, which the API must not.
 KNOWN_PRESETS = ("tiny", "smollm2-135m-instruct")
-DEMO_SPLITS = ("demo:train", "demo:validation", "demo:test")
 
 
 class RefError(Exception):
@@ -53,11 +53,11 @@ def check_model_ref(ref: str, field: str, settings: Settings) -> None:
 
 
 def resolve_data_ref(ref: str, field: str, purpose: str, *, session: Session, tenant_id: int) -> str:
-    """The path the worker reads for ``ref`` (a tenant's file id or a demo split)."""
-    if ref in DEMO_SPLITS:
+    """The path the worker reads for ``ref`` (a tenant's file id or a built-in split)."""
+    if ref in BUILTIN_REFS:
         return ref
     if not ref.startswith("file-"):
-        raise RefError(422, field, f"must be a file id (file-...) or one of {', '.join(DEMO_SPLITS)}")
+        raise RefError(422, field, f"must be a file id (file-...) or one of {', '.join(BUILTIN_REFS)}")
     row = files_crud.get_file(session=session, tenant_id=tenant_id, file_id=ref)
     if row is None:
         raise RefError(404, field, f"file {ref!r} not found")
