@@ -12,6 +12,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from akl_core.data import BUILTIN_DATASETS  # torch-free at import
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 DATA_FIELDS = {"train": "train", "validation": "validation"}  # spec field -> upload purpose
 SHOWN_METRICS = ("loss", "ce", "kd", "g_head", "g_tail", "w_head", "fkl", "rkl", "lr", "tokens_per_s")
@@ -46,12 +48,12 @@ def check(response: httpx.Response) -> Any:
 # -- submit --------------------------------------------------------------------------------------
 def upload_data_files(http: httpx.Client, spec: dict[str, Any], base_dir: Path) -> dict[str, str]:
     """Upload each local JSONL file the spec's ``data`` names and put its file id in its place.
-    ``demo:...`` and ``file-...`` references are left as they are. Returns {field: file id}."""
+    Built-in (``demo:...``, ``jargon:...``) and ``file-...`` references are left as they are. Returns {field: file id}."""
     data = spec.get("data") or {}
     uploaded: dict[str, str] = {}
     for field, purpose in DATA_FIELDS.items():
         ref = data.get(field)
-        if not isinstance(ref, str) or ref.startswith(("demo:", "file-")):
+        if not isinstance(ref, str) or ref.startswith(("file-", *(f"{name}:" for name in BUILTIN_DATASETS))):
             continue
         path = Path(ref).expanduser()
         path = path if path.is_absolute() else base_dir / path

@@ -24,8 +24,14 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 FORMATS = ("auto", "dolly", "prompt_response", "messages")
 ROLES = ("system", "user", "assistant")
-DEMO_DIR = Path(__file__).resolve().parent / "datasets" / "demo"
+DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
+# Built-in datasets, named "NAME:SPLIT" in specs (see each folder's LICENSE.md):
+#   demo   - continue a Jane Austen passage (scripts/build_demo_dataset.py);
+#   jargon - define a hacker term in the Jargon File's words, chat format (scripts/build_jargon_dataset.py).
+BUILTIN_DATASETS = ("demo", "jargon")
 DEMO_SPLITS = ("train", "validation", "test")
+BUILTIN_REFS = tuple(f"{name}:{split}" for name in BUILTIN_DATASETS for split in DEMO_SPLITS)
+DEMO_DIR = DATASETS_DIR / "demo"
 
 # The Dolly prompt of MiniLLM / DistiLLM, which the AKL paper's experiments follow.
 DOLLY_TEMPLATE = (
@@ -70,20 +76,19 @@ class Example:
 
 
 def resolve_data_path(path: str | Path) -> Path:
-    """'demo:SPLIT' -> the packaged demo file; anything else -> Path(path)."""
+    """'demo:SPLIT' / 'jargon:SPLIT' -> the packaged file; anything else -> Path(path)."""
     text = str(path)
-    if text.startswith("demo:"):
-        split = text.split(":", 1)[1]
-        if split not in DEMO_SPLITS:
-            raise DataError(
-                f"{text}: unknown demo split; use one of {', '.join('demo:' + s for s in DEMO_SPLITS)}"
-            )
-        return DEMO_DIR / f"{split}.jsonl"
+    name = text.split(":", 1)[0]
+    if ":" in text and name in BUILTIN_DATASETS:
+        if text not in BUILTIN_REFS:
+            refs = ", ".join(r for r in BUILTIN_REFS if r.startswith(name + ":"))
+            raise DataError(f"{text}: unknown {name} split; use one of {refs}")
+        return DATASETS_DIR / name / f"{text.split(':', 1)[1]}.jsonl"
     return Path(path)
 
 
 def read_examples(path: str | Path, format: str = "auto", limit: int | None = None) -> list[Example]:
-    """Parse a JSONL file (or 'demo:train' / 'demo:validation' / 'demo:test') into examples."""
+    """Parse a JSONL file (or a built-in split such as 'demo:train' or 'jargon:test') into examples."""
     file = resolve_data_path(path)
     try:
         data = file.read_bytes()

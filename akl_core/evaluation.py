@@ -3,6 +3,8 @@
 - Rouge-L: sample a response per prompt (temperature, top_p, top_k) for each seed; F-measure of
   rouge_score's RougeScorer(['rougeL'], use_stemmer=True), max over references, mean over
   examples, x100; mean and std over seeds.
+- rouge_l_greedy: the same Rouge-L of one greedy decode (no seeds). Cheap, and it exposes a
+  student that samples plausible words but, decoded greedily, emits only punctuation.
 - distinct-1/2: unique n-grams / all n-grams over every generated response (offline stand-in for
   the paper's diversity judgement).
 - val_ce: the student's CE on validation responses; val_kl: token-level KL(teacher || student),
@@ -121,30 +123,39 @@ def rouge_over_seeds(
     spec: EvaluationSpec,
     device: torch.device | str,
 ) -> dict[str, Any]:
-    """Rouge-L mean/std over ``spec.seeds`` and distinct-1/2 over every generated response."""
-    scores, words = [], []
-    for seed in spec.seeds:
-        texts = generate(
+    """Rouge-L mean/std over ``spec.seeds``, distinct-1/2 over every sampled response, and
+    (``spec.greedy``) the Rouge-L of one greedy decode."""
+
+    def decode(seed: int, temperature: float) -> list[str]:
+        return generate(
             model,
             tokenizer,
             prompts,
             seed=seed,
             max_new_tokens=spec.max_new_tokens,
-            temperature=spec.temperature,
+            temperature=temperature,
             top_p=spec.top_p,
             top_k=spec.top_k,
             batch_size=spec.batch_size,
             device=device,
         )
+
+    scores, words = [], []
+    for seed in spec.seeds:
+        texts = decode(seed, spec.temperature)
         scores.append(corpus_rouge_l(texts, references))
         words.extend(t.lower().split() for t in texts)
-    return {
+    out: dict[str, Any] = {
         "rouge_l": statistics.fmean(scores),
         "rouge_l_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
         "rouge_l_per_seed": scores,
         "distinct_1": distinct_n(words, 1),
         "distinct_2": distinct_n(words, 2),
+        "rouge_l_greedy": float("nan"),
     }
+    if spec.greedy:
+        out["rouge_l_greedy"] = corpus_rouge_l(decode(0, 0.0), references)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +269,7 @@ def evaluate_model(
         out.update(
             rouge_l=float("nan"),
             rouge_l_std=float("nan"),
+            rouge_l_greedy=float("nan"),
             distinct_1=float("nan"),
             distinct_2=float("nan"),
             teacher_rouge_l=None,
@@ -271,7 +283,11 @@ def evaluate_model(
             out.update(gen, num_examples=len(chosen))
             if teacher is not None and spec.teacher_reference:
                 ref = teacher_rouge(teacher, tokenizer, prompts, refs, spec, device, cache_dir)
-                out.update(teacher_rouge_l=ref["rouge_l"], teacher_rouge_l_std=ref["rouge_l_std"])
+                out.update(
+                    teacher_rouge_l=ref["rouge_l"],
+                    teacher_rouge_l_std=ref["rouge_l_std"],
+                    teacher_rouge_l_greedy=ref.get("rouge_l_greedy"),
+                )
     finally:
         model.train(was_training)
     return out

@@ -63,7 +63,7 @@ class StudentSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Training and validation data: JSONL paths (CLI), file ids (API), or "demo:SPLIT"."""
+    """Training and validation data: JSONL paths (CLI), file ids (API), or a built-in split ("demo:SPLIT", "jargon:SPLIT")."""
 
     train: str = Field(..., min_length=1, max_length=512)
     validation: str | None = Field(None, min_length=1, max_length=512)
@@ -124,6 +124,7 @@ class EvaluationSpec(_Strict):
     top_k: int = Field(0, ge=0, le=100_000)
     batch_size: int = Field(8, ge=1, le=1024)
     teacher_reference: bool = Field(True, description="also score the teacher once")
+    greedy: bool = Field(True, description="also score one greedy decode (rouge_l_greedy)")
 
 
 class CheckpointSpec(_Strict):

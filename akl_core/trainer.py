@@ -501,11 +501,13 @@ def _evaluate(spec: JobSpec, s: _Setup, output_dir: Path, device: torch.device, 
 EVAL_KEYS = (
     "rouge_l",
     "rouge_l_std",
+    "rouge_l_greedy",
     "distinct_1",
     "distinct_2",
     "val_ce",
     "val_kl",
     "teacher_rouge_l",
+    "teacher_rouge_l_greedy",
     "num_examples",
 )
 

@@ -12,10 +12,11 @@ test responses. The teacher is scored once with the same prompts and sampling se
                                                             # + teacher; 80 min on 2 shared cores
   python experiments/compare_losses.py --budget gpu         # a larger budget on one GPU
   python experiments/compare_losses.py --aggregate-only     # rebuild the table from finished runs
+  python experiments/compare_losses.py --task jargon        # the same study on the Jargon task
 
-Runs go to out/compare/<method>-s<seed>/ (ignored by git); a finished run (result.json) is skipped
+Runs go to out/compare/<method>-s<seed>/ (out/compare-jargon/ for --task jargon; ignored by git); a finished run (result.json) is skipped
 on re-invocation, so an interrupted study resumes. The summary goes to
-experiments/results/compare_losses.json; ``experiments/plot_gaps.py`` draws the gap histories.
+experiments/results/compare_losses.json (compare_losses_jargon.json for --task jargon); ``experiments/plot_gaps.py`` draws the gap histories.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ LABELS = {
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl")
-SUMMARY = ROOT / "experiments" / "results" / "compare_losses.json"
-METRICS = ("rouge_l", "rouge_l_std", "distinct_1", "distinct_2", "val_kl", "val_ce")
+TASKS = ("demo", "jargon")  # the built-in datasets: Austen continuations, Jargon definitions
+METRICS = ("rouge_l", "rouge_l_std", "rouge_l_greedy", "distinct_1", "distinct_2", "val_kl", "val_ce")
+
+
+def summary_path(task: str) -> Path:
+    name = "compare_losses.json" if task == "demo" else f"compare_losses_{task}.json"
+    return ROOT / "experiments" / "results" / name
+
 
 # Budgets. "cpu": 2 runs in parallel (1 thread each); one run took 160-700 s on 2 shared cores
 # (~4-7 s per step and ~1-2 min of evaluation when the cores were free), 80 min for the study.
@@ -85,7 +92,7 @@ BUDGETS: dict[str, dict] = {
 }
 
 
-def build_spec(method: str, seed: int, b: dict, eval_split: str = "demo:test"):
+def build_spec(method: str, seed: int, b: dict, task: str = "demo"):
     from akl_core.spec import JobSpec
 
     return JobSpec.model_validate(
@@ -93,8 +100,8 @@ def build_spec(method: str, seed: int, b: dict, eval_split: str = "demo:test"):
             "teacher": "preset:smollm2-135m-instruct",
             "student": {"init": "truncate", "num_layers": b["num_layers"]},
             "data": {
-                "train": "demo:train",
-                "validation": eval_split,
+                "train": f"{task}:train",
+                "validation": f"{task}:test",
                 "max_validation_examples": b["eval_examples"],
             },
             "loss": {"name": method, "kd_ratio": 0.5, "mu": 0.5, "lam": 0.1},
@@ -131,14 +138,14 @@ def build_spec(method: str, seed: int, b: dict, eval_split: str = "demo:test"):
 # one run / the teacher line (child processes)
 
 
-def run_one(method: str, seed: int, b: dict, out: Path, models_root: Path) -> None:
+def run_one(method: str, seed: int, b: dict, out: Path, models_root: Path, task: str) -> None:
     import torch
 
     from akl_core.trainer import distill
 
     torch.set_num_threads(b["threads"])
     t0 = time.perf_counter()
-    spec = build_spec(method, seed, b)
+    spec = build_spec(method, seed, b, task)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=1))
     distill(spec, out, resume=False, models_root=models_root, allow_hub=False)
@@ -150,7 +157,7 @@ def run_one(method: str, seed: int, b: dict, out: Path, models_root: Path) -> No
         f.unlink()
 
 
-def run_teacher(b: dict, out: Path, models_root: Path) -> None:
+def run_teacher(b: dict, out: Path, models_root: Path, task: str) -> None:
     """The teacher's line: the trainer's evaluation applied to the teacher itself (KL 0 by definition)."""
     import torch
 
@@ -158,7 +165,7 @@ def run_teacher(b: dict, out: Path, models_root: Path) -> None:
 
     torch.set_num_threads(b["threads"])
     t0 = time.perf_counter()
-    spec = build_spec("fkl", 0, b)
+    spec = build_spec("fkl", 0, b, task)
     path = models.resolve_model_ref(spec.teacher, models_root=models_root, allow_hub=False)
     tok = models.load_tokenizer(path)
     teacher = models.load_teacher(path, dtype=torch.float32, device=b["device"])
@@ -209,6 +216,8 @@ def launch(method: str, seed: int, args, out_root: Path) -> subprocess.Popen:
         __file__,
         "--budget",
         args.budget,
+        "--task",
+        args.task,
         "--out",
         str(out_root),
         "--models-root",
@@ -287,7 +296,14 @@ def _mean_std(values: list[float]) -> dict:
 
 def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
     b = {**BUDGETS[args.budget], **_override_values(args)}
-    summary: dict = {"budget": args.budget, "config": b, "methods": {}, "runs": {}, "teacher": None}
+    summary: dict = {
+        "budget": args.budget,
+        "task": args.task,
+        "config": b,
+        "methods": {},
+        "runs": {},
+        "teacher": None,
+    }
     teacher = run_dir(out_root, "teacher", 0) / "result.json"
     if teacher.is_file():
         tm = json.loads(teacher.read_text())["metrics"]
@@ -316,16 +332,21 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
             }
         summary["runs"][m] = per_seed
         if per_seed:
-            summary["methods"][m] = {k: _mean_std([r[k] for r in per_seed.values()]) for k in METRICS}
+            # Runs from before greedy Rouge-L existed have no value for it: leave the metric out.
+            summary["methods"][m] = {
+                k: _mean_std([r[k] for r in per_seed.values()])
+                for k in METRICS
+                if all(r.get(k) is not None for r in per_seed.values())
+            }
             summary["methods"][m]["gap_change"] = {
                 k: _mean_std([_change(r["history"][k]) for r in per_seed.values()])
                 for k in ("g_head", "g_tail")
             }
     summary["paired"] = paired(summary["runs"])
     if not summary["methods"]:  # never replace a stored study with an empty one
-        raise SystemExit(f"no finished runs under {out_root}; {SUMMARY} is left as it was")
-    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-    SUMMARY.write_text(json.dumps(summary, indent=1))
+        raise SystemExit(f"no finished runs under {out_root}; {summary_path(args.task)} is left as it was")
+    summary_path(args.task).parent.mkdir(parents=True, exist_ok=True)
+    summary_path(args.task).write_text(json.dumps(summary, indent=1))
     if not quiet:
         print(table(summary))
     return summary
@@ -402,10 +423,11 @@ def _overrides(args) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    p.add_argument("--task", choices=TASKS, default="demo", help="built-in dataset to train and test on")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds")
     p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the budget's)")
-    p.add_argument("--out", type=Path, default=ROOT / "out" / "compare")
+    p.add_argument("--out", type=Path, default=None, help="default out/compare (out/compare-TASK)")
     p.add_argument("--models-root", type=Path, default=ROOT / "out" / "models")
     p.add_argument("--aggregate-only", action="store_true")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
@@ -417,14 +439,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--num-layers", type=int)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "out" / ("compare" if args.task == "demo" else f"compare-{args.task}")
     b = {**BUDGETS[args.budget], **_override_values(args)}
     if args.child:
         method, seed = args.child[0], int(args.child[1])
         d = run_dir(args.out, method, seed)
         if method == "teacher":
-            run_teacher(b, d, args.models_root)
+            run_teacher(b, d, args.models_root, args.task)
         else:
-            run_one(method, seed, b, d, args.models_root)
+            run_one(method, seed, b, d, args.models_root, args.task)
         return
     if args.aggregate_only:
         aggregate(args, args.out)

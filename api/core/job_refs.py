@@ -15,11 +15,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from akl_core import models
+from akl_core.data import BUILTIN_REFS  # torch-free at import
 from akl_core.spec import JobSpec
 from api.core.config import Settings
 from api.crud import files as files_crud
 
-DEMO_SPLITS = ("demo:train", "demo:validation", "demo:test")
 MAX_CONFIG_BYTES = 1024 * 1024  # a model's config.json is a few KB; more is not a model config
 # Where configs of common architectures keep their decoder layer count.
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -125,11 +125,11 @@ def check_student_layers(spec: JobSpec, teacher_layers: int | None) -> None:
 
 
 def resolve_data_ref(ref: str, field: str, purpose: str, *, session: Session, tenant_id: int) -> str:
-    """The path the worker reads for ``ref`` (a tenant's file id or a demo split)."""
-    if ref in DEMO_SPLITS:
+    """The path the worker reads for ``ref`` (a tenant's file id or a built-in split)."""
+    if ref in BUILTIN_REFS:
         return ref
     if not ref.startswith("file-"):
-        raise RefError(422, field, f"must be a file id (file-...) or one of {', '.join(DEMO_SPLITS)}")
+        raise RefError(422, field, f"must be a file id (file-...) or one of {', '.join(BUILTIN_REFS)}")
     row = files_crud.get_file(session=session, tenant_id=tenant_id, file_id=ref)
     if row is None:
         raise RefError(404, field, f"file {ref!r} not found")

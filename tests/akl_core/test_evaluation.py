@@ -3,6 +3,7 @@ generation against one-at-a-time generation, validation CE/KL against direct for
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -125,3 +126,37 @@ def test_evaluate_model_caches_the_teacher(tiny_teacher, tiny_student, tiny_toke
     second = evaluation.evaluate_model(tiny_student, tiny_tokenizer, examples, spec, **kw)
     assert calls == [tiny_student]  # the teacher came from the cache
     assert second["teacher_rouge_l"] == first["teacher_rouge_l"] and second["rouge_l"] == first["rouge_l"]
+
+
+def test_greedy_rouge_is_the_greedy_decode_scored(tiny_teacher, tiny_tokenizer):
+    examples, prompts = _prompts(tiny_tokenizer)
+    refs = [[ex.response] for ex in examples]
+    spec = EvaluationSpec(num_examples=3, seeds=[1, 2], max_new_tokens=6, batch_size=2)
+    got = evaluation.rouge_over_seeds(tiny_teacher, tiny_tokenizer, prompts, refs, spec, "cpu")
+    greedy = evaluation.generate(
+        tiny_teacher, tiny_tokenizer, prompts, seed=99, max_new_tokens=6, temperature=0.0
+    )
+    assert got["rouge_l_greedy"] == pytest.approx(evaluation.corpus_rouge_l(greedy, refs))
+    # Punctuation scores nothing against words; the reference itself scores 100.
+    assert evaluation.corpus_rouge_l([", , ,"], [["a real answer"]]) == 0.0
+    assert evaluation.corpus_rouge_l(["a real answer"], [["a real answer"]]) == pytest.approx(100.0)
+    off = evaluation.rouge_over_seeds(
+        tiny_teacher, tiny_tokenizer, prompts, refs, spec.model_copy(update={"greedy": False}), "cpu"
+    )
+    assert math.isnan(off["rouge_l_greedy"]) and off["rouge_l"] == got["rouge_l"]
+
+
+def test_jargon_chat_prompts_evaluate(tiny_teacher, tiny_student, tiny_tokenizer):
+    examples = data.read_examples("jargon:validation", "auto", 2)
+    spec = EvaluationSpec(num_examples=2, seeds=[1], max_new_tokens=4, batch_size=2)
+    out = evaluation.evaluate_model(
+        tiny_student,
+        tiny_tokenizer,
+        examples,
+        spec,
+        teacher=tiny_teacher,
+        max_length=96,
+        max_prompt_length=48,
+    )
+    assert out["num_examples"] == 2 and out["val_tokens"] > 0
+    assert not math.isnan(out["rouge_l_greedy"]) and out["teacher_rouge_l_greedy"] is not None
