@@ -97,7 +97,7 @@ def test_keyboard_alone_opens_a_job(ui: Page, service: Embedded, finished: Finis
         pytest.fail("Tab never reached the job's link")
     page.keyboard.press("Enter")
     page.wait_for_url(re.compile(f"#/jobs/{finished.akl}$"))
-    page.locator('#view[data-loaded="true"]').wait_for()
+    page.locator('[data-loaded="true"]').wait_for()
     assert page.evaluate("document.activeElement.tagName") == "H1"  # focus moved to the new page
 
 
@@ -107,7 +107,7 @@ def test_job_page_plots_exactly_the_api_metrics(
     page = ui.page
     ui.sign_in(_key(service))
     page.goto(f"{ui.url}/ui/#/jobs/{finished.akl}")
-    page.locator('#view[data-loaded="true"]').wait_for()
+    page.locator('[data-loaded="true"]').wait_for()
     page.locator("#evaluations").wait_for()
     points = _api_points(service, finished.akl)
     assert [p["step"] for p in points] == [1, 2, 3, 4]
@@ -260,7 +260,7 @@ def test_usable_at_phone_width(phone: Page, service: Embedded, finished: Finishe
     # Wide tables scroll inside their own box; the page itself never scrolls sideways.
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.get_by_role("link", name=finished.akl).click()
-    page.locator('#view[data-loaded="true"]').wait_for()
+    page.locator('[data-loaded="true"]').wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     width = page.locator("#chart-loss canvas").bounding_box()["width"]
     assert 200 < width <= 390

@@ -12,6 +12,7 @@ import * as submit from "./submit.js";
 const $ = (id) => document.getElementById(id);
 let cleanup = () => {};
 let cachesAvailable = false;
+let routes = 0;
 
 function showError(err) {
   if (err instanceof ApiError && err.status === 401) {
@@ -50,7 +51,13 @@ function signInForm(message) {
     "form",
     { class: "card sign-in", "aria-labelledby": "sign-in-title" },
     h("h1", { id: "sign-in-title", tabindex: -1 }, "Sign in"),
-    h("p", {}, "Use an API key (", h("code", {}, "akl keys create --tenant NAME"), "). It is kept in this tab only."),
+    h(
+      "p",
+      {},
+      "Use an API key (",
+      h("code", {}, "akl keys create --tenant NAME"),
+      "). It is kept in this tab only.",
+    ),
     h("label", { for: "api-key" }, "API key"),
     key,
     h("button", { type: "submit" }, "Sign in"),
@@ -107,18 +114,36 @@ async function route() {
   const views = { jobs, job, compare, submit, caches };
   const target = name === "jobs" && arg ? "job" : name;
   const module = views[target] || jobs;
+  // Each route renders into its own box: a slow render that a newer route overtook lands in a
+  // detached box and is cleaned up at once (its polling stops).
+  const token = ++routes;
+  const page = h("div");
+  view.replaceChildren(page);
   try {
-    cleanup = (await module.render(view, { arg, query, cachesAvailable }, ctx)) || (() => {});
+    const done = (await module.render(page, { arg, query, cachesAvailable }, ctx)) || (() => {});
+    if (token !== routes) return done();
+    cleanup = done;
   } catch (err) {
-    showError(err);
+    if (token === routes) showError(err);
+    return;
   }
+  // Keyboard and screen-reader users land on the new page's heading, not on the old link; a
+  // view that re-rendered itself (the status filter) asks to keep its control focused instead.
+  const keep = ctx.focusAfter && view.querySelector(ctx.focusAfter);
+  ctx.focusAfter = null;
   const heading = view.querySelector("h1");
-  // Keyboard and screen-reader users land on the new page's heading, not on the old link.
-  if (heading) {
+  if (keep) keep.focus();
+  else if (heading) {
     heading.tabIndex = -1;
     heading.focus({ preventScroll: true });
   }
 }
+
+// The skip link moves focus; following its href would change the route (#main is not a view).
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  $("main").focus();
+});
 
 $("sign-out").addEventListener("click", () => {
   session.signOut();

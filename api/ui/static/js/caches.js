@@ -23,6 +23,12 @@ export async function render(view) {
     return;
   }
   const keys = [...new Set(items.flatMap((item) => Object.keys(item)))].filter((k) => k !== "object");
-  const rows = items.map((item) => h("tr", {}, keys.map((k) => h("td", {}, cell(k, item[k])))));
+  const rows = items.map((item) =>
+    h(
+      "tr",
+      {},
+      keys.map((k) => h("td", {}, cell(k, item[k]))),
+    ),
+  );
   view.append(table(null, keys, rows, { id: "teacher-caches", "aria-label": "Teacher caches" }));
 }

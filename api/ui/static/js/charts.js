@@ -5,12 +5,23 @@ import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { h, num } from "./dom.js";
 
 // Eight colours that stay apart for colour-blind readers (Okabe-Ito, plus a grey).
-export const PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999"];
+export const PALETTE = [
+  "#0072B2",
+  "#D55E00",
+  "#009E73",
+  "#CC79A7",
+  "#E69F00",
+  "#56B4E9",
+  "#000000",
+  "#999999",
+];
 
 window.akl = window.akl || { charts: {} };
 
 // Steps are whole numbers: ticks at 1, 2, 5, 10, 20, 50, ... never at 1.2.
-const STEP_INCREMENTS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((p) => m * p)).sort((a, b) => a - b);
+const STEP_INCREMENTS = [1, 2, 5]
+  .flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((p) => m * p))
+  .sort((a, b) => a - b);
 
 function axisValues(_u, values) {
   return values.map((v) => (v === null ? "" : num(v, 3)));
@@ -58,9 +69,7 @@ export function lineChart(parent, chart) {
     state.series = Object.fromEntries(chart.series.map((s, i) => [s.key, data[i + 1]]));
     window.akl.charts[chart.id] = state;
     figure.dataset.points = String(steps.length);
-    const last = chart.series
-      .map((s, i) => `${s.label} ${num(data[i + 1][steps.length - 1])}`)
-      .join(", ");
+    const last = chart.series.map((s, i) => `${s.label} ${num(data[i + 1][steps.length - 1])}`).join(", ");
     plot.setAttribute("aria-label", `${chart.title}: ${steps.length} points; at the last step ${last}`);
   }
 

@@ -2,7 +2,7 @@
 // and their final evaluations in one table. #/compare/ID,ID,... ; without ids, a picker.
 import { api } from "./api.js";
 import { align, lineChart, PALETTE } from "./charts.js";
-import { h, lossName, num, statusBadge, studentName, table, when } from "./dom.js";
+import { h, lossName, meanStd, num, statusBadge, studentName, table, when } from "./dom.js";
 import { columns, MAX_POINTS } from "./job.js";
 
 export const MIN_JOBS = 2;
@@ -18,8 +18,8 @@ const METRICS = [
 ];
 
 const EVAL_ROWS = [
-  ["Rouge-L (student)", (m) => `${num(m.rouge_l, 3)} ± ${num(m.rouge_l_std, 2)}`],
-  ["Rouge-L (teacher)", (m) => (m.teacher_rouge_l == null ? "–" : `${num(m.teacher_rouge_l, 3)} ± ${num(m.teacher_rouge_l_std, 2)}`)],
+  ["Rouge-L (student)", (m) => meanStd(m, "rouge_l")],
+  ["Rouge-L (teacher)", (m) => meanStd(m, "teacher_rouge_l")],
   ["distinct-1", (m) => num(m.distinct_1, 3)],
   ["distinct-2", (m) => num(m.distinct_2, 3)],
   ["Validation CE", (m) => num(m.val_ce)],
@@ -52,7 +52,9 @@ async function picker(view, ctx) {
   view.append(
     h("div", { class: "view-head" }, h("h1", {}, "Compare jobs")),
     h("p", {}, `Pick ${MIN_JOBS} to ${MAX_JOBS} jobs, for example the runs of a loss sweep.`),
-    table(null, ["", "Job", "Status", "Loss", "Teacher → student", "Created"], rows, { "aria-label": "Jobs to compare" }),
+    table(null, ["", "Job", "Status", "Loss", "Teacher → student", "Created"], rows, {
+      "aria-label": "Jobs to compare",
+    }),
     h("div", { class: "toolbar" }, go),
   );
 }
@@ -87,9 +89,25 @@ export async function render(view, { arg }, ctx) {
   );
   const chartsBox = h("div", { class: "charts" });
   view.append(
-    h("div", { class: "view-head" }, h("h1", {}, `Compare ${jobs.length} jobs`), h("a", { href: "#/compare" }, "Pick others")),
-    h("section", { class: "card" }, table(null, ["Colour", "Job", "Status", "Loss", "Teacher → student", "Step"], legend, { "aria-label": "Compared jobs" })),
-    h("section", { class: "card", "aria-labelledby": "compare-curves" }, h("h2", { id: "compare-curves" }, "Curves"), chartsBox),
+    h(
+      "div",
+      { class: "view-head" },
+      h("h1", {}, `Compare ${jobs.length} jobs`),
+      h("a", { href: "#/compare" }, "Pick others"),
+    ),
+    h(
+      "section",
+      { class: "card" },
+      table(null, ["Colour", "Job", "Status", "Loss", "Teacher → student", "Step"], legend, {
+        "aria-label": "Compared jobs",
+      }),
+    ),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "compare-curves" },
+      h("h2", { id: "compare-curves" }, "Curves"),
+      chartsBox,
+    ),
   );
   const charts = [];
   for (const [field, title] of METRICS) {
@@ -104,21 +122,44 @@ export async function render(view, { arg }, ctx) {
       lineChart(chartsBox, {
         id: `compare-${field}`,
         title,
-        series: jobs.map(({ job }, i) => ({ key: job.id, label: `${job.id} (${lossName(job.spec)})`, color: colour(i) })),
+        series: jobs.map(({ job }, i) => ({
+          key: job.id,
+          label: `${lossName(job.spec)} …${job.id.slice(-6)}`,
+          color: colour(i),
+        })),
         steps: joined[0],
         columns: cols,
       }),
     );
   }
   // The final evaluation of each job: the one at the highest step.
-  const finals = jobs.map(({ evaluations }) => evaluations.reduce((a, e) => (a && a.step > e.step ? a : e), null));
+  const finals = jobs.map(({ evaluations }) =>
+    evaluations.reduce((a, e) => (a && a.step > e.step ? a : e), null),
+  );
   const header = ["", ...jobs.map(({ job }) => job.id)];
   const rows = EVAL_ROWS.map(([name, cell]) =>
-    h("tr", {}, h("th", { scope: "row" }, name), finals.map((e) => h("td", { class: "num" }, e ? cell(e.metrics) : "–"))),
+    h(
+      "tr",
+      {},
+      h("th", { scope: "row" }, name),
+      finals.map((e) => h("td", { class: "num" }, e ? cell(e.metrics) : "–")),
+    ),
   );
-  rows.unshift(h("tr", {}, h("th", { scope: "row" }, "Step"), finals.map((e) => h("td", { class: "num" }, e ? String(e.step) : "–"))));
+  rows.unshift(
+    h(
+      "tr",
+      {},
+      h("th", { scope: "row" }, "Step"),
+      finals.map((e) => h("td", { class: "num" }, e ? String(e.step) : "–")),
+    ),
+  );
   view.append(
-    h("section", { class: "card", "aria-labelledby": "compare-evals" }, h("h2", { id: "compare-evals" }, "Final evaluations"), table(null, header, rows, { id: "compare-evaluations", "aria-label": "Final evaluations" })),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "compare-evals" },
+      h("h2", { id: "compare-evals" }, "Final evaluations"),
+      table(null, header, rows, { id: "compare-evaluations", "aria-label": "Final evaluations" }),
+    ),
   );
   return () => charts.forEach((c) => c.destroy());
 }

@@ -28,6 +28,14 @@ export function num(value, digits = 4) {
   return text.includes(".") ? text.replace(/\.?0+$/, "") : text; // 0.5000 -> 0.5, but 100 stays
 }
 
+// "mean ± std", or the mean alone when no std was recorded.
+export function meanStd(metrics, key) {
+  const mean = metrics[key];
+  if (mean === null || mean === undefined) return "–";
+  const std = metrics[`${key}_std`];
+  return std === null || std === undefined ? num(mean, 3) : `${num(mean, 3)} ± ${num(std, 2)}`;
+}
+
 export function when(unix) {
   if (!unix) return "–";
   const d = new Date(unix * 1000);
@@ -81,7 +89,15 @@ export function table(caption, headers, rows, attrs = {}) {
       "table",
       attrs,
       caption ? h("caption", {}, caption) : null,
-      h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          headers.map((x) => h("th", { scope: "col" }, x)),
+        ),
+      ),
       h("tbody", {}, rows),
     ),
   );

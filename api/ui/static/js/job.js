@@ -3,7 +3,20 @@
 // checkpoints with downloads, and the spec as YAML. Polls until the job has finished.
 import { api } from "./api.js";
 import { lineChart } from "./charts.js";
-import { duration, eta, h, lossName, num, progressBar, statusBadge, studentName, table, TERMINAL, when } from "./dom.js";
+import {
+  duration,
+  eta,
+  h,
+  meanStd,
+  lossName,
+  num,
+  progressBar,
+  statusBadge,
+  studentName,
+  table,
+  TERMINAL,
+  when,
+} from "./dom.js";
 import yaml from "../vendor/js-yaml/js-yaml.mjs";
 
 const REFRESH_MS = 2000;
@@ -29,8 +42,8 @@ export function columns(points, fields) {
 
 const EVAL_COLUMNS = [
   ["Step", (m, e) => String(e.step)],
-  ["Rouge-L (student)", (m) => `${num(m.rouge_l, 3)} ± ${num(m.rouge_l_std, 2)}`],
-  ["Rouge-L (teacher)", (m) => (m.teacher_rouge_l == null ? "–" : `${num(m.teacher_rouge_l, 3)} ± ${num(m.teacher_rouge_l_std, 2)}`)],
+  ["Rouge-L (student)", (m) => meanStd(m, "rouge_l")],
+  ["Rouge-L (teacher)", (m) => meanStd(m, "teacher_rouge_l")],
   ["distinct-1", (m) => num(m.distinct_1, 3)],
   ["distinct-2", (m) => num(m.distinct_2, 3)],
   ["Validation CE", (m) => num(m.val_ce)],
@@ -38,13 +51,34 @@ const EVAL_COLUMNS = [
 ];
 
 export function evaluationTable(evaluations) {
-  if (!evaluations.length) return h("p", { class: "muted" }, "No evaluation yet (it runs at the end, or every evaluation.every_steps).");
-  const rows = evaluations.map((e) => h("tr", {}, EVAL_COLUMNS.map(([, cell]) => h("td", { class: "num" }, cell(e.metrics, e)))));
-  return table(null, EVAL_COLUMNS.map(([name]) => name), rows, { id: "evaluations", "aria-label": "Evaluations" });
+  if (!evaluations.length)
+    return h(
+      "p",
+      { class: "muted" },
+      "No evaluation yet (it runs at the end, or every evaluation.every_steps).",
+    );
+  const rows = evaluations.map((e) =>
+    h(
+      "tr",
+      {},
+      EVAL_COLUMNS.map(([, cell]) => h("td", { class: "num" }, cell(e.metrics, e))),
+    ),
+  );
+  return table(
+    null,
+    EVAL_COLUMNS.map(([name]) => name),
+    rows,
+    { id: "evaluations", "aria-label": "Evaluations" },
+  );
 }
 
 function section(title, id, ...children) {
-  return h("section", { class: "card", "aria-labelledby": `${id}-title` }, h("h2", { id: `${id}-title` }, title), ...children);
+  return h(
+    "section",
+    { class: "card", "aria-labelledby": `${id}-title` },
+    h("h2", { id: `${id}-title` }, title),
+    ...children,
+  );
 }
 
 export async function render(view, { arg: jobId }, ctx) {
@@ -62,8 +96,22 @@ export async function render(view, { arg: jobId }, ctx) {
     h("section", { class: "card", "aria-label": "Summary" }, summary, actions),
     section("Metrics", "metrics", chartsBox),
     section("Evaluation", "evaluation", evalBox),
-    h("div", { class: "two" }, section("Events", "events", eventsBox), section("Checkpoints", "checkpoints", checkpointsBox)),
-    section("Spec", "spec", specBox, h("div", { class: "toolbar" }, h("button", { type: "button", class: "secondary", onclick: reuse }, "Use as a new job"))),
+    h(
+      "div",
+      { class: "two" },
+      section("Events", "events", eventsBox),
+      section("Checkpoints", "checkpoints", checkpointsBox),
+    ),
+    section(
+      "Spec",
+      "spec",
+      specBox,
+      h(
+        "div",
+        { class: "toolbar" },
+        h("button", { type: "button", class: "secondary", onclick: reuse }, "Use as a new job"),
+      ),
+    ),
   );
   const charts = {};
   let lastEvent = null;
@@ -90,11 +138,19 @@ export async function render(view, { arg: jobId }, ctx) {
       ["Finished", when(job.finished_at)],
       ["Queue / attempts", `${job.queue} / ${job.attempts}`],
     ];
-    if (job.metadata) items.push(["Metadata", Object.entries(job.metadata).map(([k, v]) => `${k}=${v}`).join(", ")]);
+    if (job.metadata)
+      items.push([
+        "Metadata",
+        Object.entries(job.metadata)
+          .map(([k, v]) => `${k}=${v}`)
+          .join(", "),
+      ]);
     summary.replaceChildren(...items.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
     if (job.error) {
       const message = `${job.error.code}: ${job.error.message}`;
-      summary.append(h("div", { class: "wide" }, h("dt", {}, "Error"), h("dd", { class: "error-text" }, message)));
+      summary.append(
+        h("div", { class: "wide" }, h("dt", {}, "Error"), h("dd", { class: "error-text" }, message)),
+      );
     }
     drawActions();
   }
@@ -102,19 +158,44 @@ export async function render(view, { arg: jobId }, ctx) {
   function drawActions() {
     actions.replaceChildren();
     if (job.status === "succeeded") {
-      actions.append(h("button", { type: "button", onclick: () => download(`/v1/jobs/${job.id}/model`, `${job.id}-final.tar.gz`) }, "Download model"));
+      actions.append(
+        h(
+          "button",
+          { type: "button", onclick: () => download(`/v1/jobs/${job.id}/model`, `${job.id}-final.tar.gz`) },
+          "Download model",
+        ),
+      );
     }
     if (TERMINAL.has(job.status)) return;
     if (job.cancel_requested) {
       actions.append(h("span", { class: "muted" }, "Cancel requested; the worker stops at its next step."));
     } else if (!confirming) {
-      actions.append(h("button", { type: "button", class: "danger", id: "cancel", onclick: () => ((confirming = true), drawActions()) }, "Cancel job"));
+      actions.append(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            id: "cancel",
+            onclick: () => ((confirming = true), drawActions()),
+          },
+          "Cancel job",
+        ),
+      );
     } else {
-      const yes = h("button", { type: "button", class: "danger", id: "cancel-confirm", onclick: cancel }, "Yes, cancel it");
+      const yes = h(
+        "button",
+        { type: "button", class: "danger", id: "cancel-confirm", onclick: cancel },
+        "Yes, cancel it",
+      );
       actions.append(
         h("span", {}, `Cancel ${job.id}? A running job keeps its last checkpoint.`),
         yes,
-        h("button", { type: "button", class: "secondary", onclick: () => ((confirming = false), drawActions()) }, "Keep it"),
+        h(
+          "button",
+          { type: "button", class: "secondary", onclick: () => ((confirming = false), drawActions()) },
+          "Keep it",
+        ),
       );
       yes.focus();
     }
@@ -147,7 +228,9 @@ export async function render(view, { arg: jobId }, ctx) {
     const fields = CHARTS.flatMap((c) => c.series);
     const cols = columns(metrics.data, fields);
     if (!metrics.data.length) {
-      chartsBox.replaceChildren(h("p", { class: "muted" }, "No steps yet: the curves appear with the first step."));
+      chartsBox.replaceChildren(
+        h("p", { class: "muted" }, "No steps yet: the curves appear with the first step."),
+      );
       return;
     }
     chartsBox.querySelector(":scope > p")?.remove();
@@ -185,10 +268,24 @@ export async function render(view, { arg: jobId }, ctx) {
         { dataset: { checkpoint: c.id } },
         h("td", {}, name),
         h("td", {}, when(c.created_at)),
-        h("td", {}, h("button", { type: "button", "aria-label": `Download ${name}`, onclick: () => download(c.download_url, `${job.id}-${c.step}.tar.gz`) }, "Download")),
+        h(
+          "td",
+          {},
+          h(
+            "button",
+            {
+              type: "button",
+              "aria-label": `Download ${name}`,
+              onclick: () => download(c.download_url, `${job.id}-${c.step}.tar.gz`),
+            },
+            "Download",
+          ),
+        ),
       );
     });
-    checkpointsBox.replaceChildren(table(null, ["Checkpoint", "Saved", ""], rows, { id: "checkpoints", "aria-label": "Checkpoints" }));
+    checkpointsBox.replaceChildren(
+      table(null, ["Checkpoint", "Saved", ""], rows, { id: "checkpoints", "aria-label": "Checkpoints" }),
+    );
   }
 
   async function events() {
@@ -199,7 +296,15 @@ export async function render(view, { arg: jobId }, ctx) {
       for (const e of page.data) {
         lastEvent = e.id;
         eventsBox.append(
-          h("li", { class: `level-${e.level}` }, h("time", {}, when(e.created_at)), " ", h("strong", {}, e.type), " ", e.message),
+          h(
+            "li",
+            { class: `level-${e.level}` },
+            h("time", {}, when(e.created_at)),
+            " ",
+            h("strong", {}, e.type),
+            " ",
+            e.message,
+          ),
         );
       }
       if (page.data.length) eventsBox.scrollTop = eventsBox.scrollHeight;

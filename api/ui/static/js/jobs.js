@@ -1,7 +1,19 @@
 // The jobs list: status filter, progress, ETA, latest loss; refreshes every few seconds. Ticking
 // two to eight rows opens them side by side (compare.js).
 import { api } from "./api.js";
-import { eta, duration, h, lossName, num, progressBar, STATUSES, statusBadge, studentName, table, when } from "./dom.js";
+import {
+  eta,
+  duration,
+  h,
+  lossName,
+  num,
+  progressBar,
+  STATUSES,
+  statusBadge,
+  studentName,
+  table,
+  when,
+} from "./dom.js";
 
 const REFRESH_MS = 3000;
 const PAGE = 50;
@@ -16,7 +28,10 @@ export function render(view, { query }, ctx) {
     h("option", { value: "" }, "all"),
     STATUSES.map((s) => h("option", { value: s, selected: s === status }, s)),
   );
-  filter.addEventListener("change", () => ctx.navigate(filter.value ? `#/jobs?status=${filter.value}` : "#/jobs"));
+  filter.addEventListener("change", () => {
+    ctx.focusAfter = "#status-filter";
+    ctx.navigate(filter.value ? `#/jobs?status=${filter.value}` : "#/jobs");
+  });
   const compareButton = h("button", { type: "button", disabled: true }, "Compare selected (0)");
   compareButton.addEventListener("click", () => ctx.navigate(`#/compare/${[...selected].join(",")}`));
   const body = h("tbody");
@@ -33,12 +48,27 @@ export function render(view, { query }, ctx) {
       h("a", { class: "button", href: "#/submit" }, "New job"),
     ),
   );
-  const headers = ["", "Job", "Status", "Progress", "Step", "ETA", "Loss", "Teacher → student", "Loss fn", "Created"];
+  const headers = [
+    "",
+    "Job",
+    "Status",
+    "Progress",
+    "Step",
+    "ETA",
+    "Loss",
+    "Teacher → student",
+    "Loss fn",
+    "Created",
+  ];
   const wrap = table(null, [], [], { id: "jobs-table", "aria-label": "Jobs" });
   const tableEl = wrap.querySelector("table");
-  tableEl.querySelector("thead tr").replaceChildren(
-    ...headers.map((x, i) => h("th", { scope: "col" }, i === 0 ? h("span", { class: "sr-only" }, "Select") : x)),
-  );
+  tableEl
+    .querySelector("thead tr")
+    .replaceChildren(
+      ...headers.map((x, i) =>
+        h("th", { scope: "col" }, i === 0 ? h("span", { class: "sr-only" }, "Select") : x),
+      ),
+    );
   tableEl.querySelector("tbody").replaceWith(body);
   view.append(wrap, more);
 

@@ -70,8 +70,17 @@ export async function render(view, _params, ctx) {
   const validator = new Validator(schema, "2020-12", false);
   let idempotencyKey = crypto.randomUUID(); // one per draft: a double click submits one job
 
-  const file = h("input", { id: "upload-file", type: "file", accept: ".jsonl,application/jsonl,application/x-ndjson" });
-  const purpose = h("select", { id: "upload-purpose" }, h("option", { value: "train" }, "train"), h("option", { value: "validation" }, "validation"));
+  const file = h("input", {
+    id: "upload-file",
+    type: "file",
+    accept: ".jsonl,application/jsonl,application/x-ndjson",
+  });
+  const purpose = h(
+    "select",
+    { id: "upload-purpose" },
+    h("option", { value: "train" }, "train"),
+    h("option", { value: "validation" }, "validation"),
+  );
   const uploadButton = h("button", { type: "submit" }, "Upload");
   const uploaded = h("p", { class: "muted", role: "status", id: "upload-result" });
   const upload = h(
@@ -79,12 +88,25 @@ export async function render(view, _params, ctx) {
     { class: "card", "aria-labelledby": "upload-title" },
     h("h2", { id: "upload-title" }, "1. Data (optional)"),
     h("p", {}, "Upload a JSONL file (Dolly, prompt/response or chat messages); its id goes into the spec."),
-    h("div", { class: "fields" }, h("label", { for: "upload-file" }, "JSONL file"), file, h("label", { for: "upload-purpose" }, "Use as"), purpose),
+    h(
+      "div",
+      { class: "fields" },
+      h("label", { for: "upload-file" }, "JSONL file"),
+      file,
+      h("label", { for: "upload-purpose" }, "Use as"),
+      purpose,
+    ),
     h("div", { class: "toolbar" }, uploadButton),
     uploaded,
   );
 
-  const editor = h("textarea", { id: "spec-yaml", rows: 24, spellcheck: false, autocomplete: "off", "aria-describedby": "spec-check" });
+  const editor = h("textarea", {
+    id: "spec-yaml",
+    rows: 24,
+    spellcheck: false,
+    autocomplete: "off",
+    "aria-describedby": "spec-check",
+  });
   editor.value = sessionStorage.getItem(DRAFT) || TEMPLATE;
   const problems = h("div", { id: "spec-check", role: "status", "aria-live": "polite" });
   const submitButton = h("button", { type: "submit", id: "submit-job" }, "Submit job");
@@ -96,7 +118,12 @@ export async function render(view, _params, ctx) {
     h("label", { for: "spec-yaml" }, "Job spec"),
     editor,
     problems,
-    h("div", { class: "toolbar" }, submitButton, h("button", { type: "button", class: "secondary", onclick: reset }, "Start from the template")),
+    h(
+      "div",
+      { class: "toolbar" },
+      submitButton,
+      h("button", { type: "button", class: "secondary", onclick: reset }, "Start from the template"),
+    ),
   );
   view.append(h("div", { class: "view-head" }, h("h1", {}, "Submit a job")), upload, form);
 
@@ -104,7 +131,11 @@ export async function render(view, _params, ctx) {
     const { errors } = check(editor.value, validator);
     problems.replaceChildren(
       errors.length
-        ? h("ul", { class: "problems" }, errors.map((e) => h("li", {}, e)))
+        ? h(
+            "ul",
+            { class: "problems" },
+            errors.map((e) => h("li", {}, e)),
+          )
         : h("p", { class: "ok" }, "The spec matches the schema."),
     );
     problems.dataset.valid = String(!errors.length);
@@ -164,7 +195,9 @@ export async function render(view, _params, ctx) {
     }
     submitButton.disabled = true;
     try {
-      const job = await api.post("/v1/jobs", check(editor.value, null).spec, { "Idempotency-Key": idempotencyKey });
+      const job = await api.post("/v1/jobs", check(editor.value, null).spec, {
+        "Idempotency-Key": idempotencyKey,
+      });
       sessionStorage.removeItem(DRAFT);
       ctx.navigate(`#/jobs/${job.id}`);
     } catch (err) {
