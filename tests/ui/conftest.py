@@ -19,6 +19,7 @@ from tests.reliability.conftest import tiny_job
 from tests.worker import services
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+XSS = "<img src=x onerror=window.pwned=1>"  # job text the page must show as text
 
 
 def chromium_path() -> str | None:
@@ -70,6 +71,7 @@ def finished(service: Embedded, tmp_path_factory: pytest.TempPathFactory) -> Fin
                 workdir, steps=4, checkpoint_every=2, data={"train": "demo:train", "max_train_examples": 16},
                 loss={"name": loss}, evaluation={"teacher_reference": True},
             )  # fmt: skip
+            spec["metadata"] = {"sweep": "loss", "note": XSS}
             response = http.post("/v1/jobs", json=spec)
             assert response.status_code == 201, response.text
             ids[loss] = response.json()["id"]

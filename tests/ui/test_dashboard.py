@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_embedded import Embedded
-from tests.ui.conftest import Finished, Page
+from tests.ui.conftest import XSS, Finished, Page
 
 pytestmark = [pytest.mark.ui, pytest.mark.integration]
 
@@ -140,6 +140,8 @@ def test_job_page_plots_exactly_the_api_metrics(
     spec = page.locator("pre.spec").inner_text()
     assert "teacher: preset:tiny" in spec and "name: akl" in spec
     assert page.get_by_role("button", name="Cancel job").count() == 0  # finished: nothing to cancel
+    assert f"note={XSS}" in page.locator(".summary").inner_text()  # shown as text, not run
+    assert page.evaluate("window.pwned") is None and page.locator(".summary img").count() == 0
     assert page.evaluate(UNNAMED) == []
     page.screenshot(path=screenshots / "job.png", full_page=True)
 
