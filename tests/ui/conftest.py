@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.test_embedded import Embedded
@@ -24,6 +25,13 @@ XSS = "<img src=x onerror=window.pwned=1>"  # job text the page must show as tex
 
 def chromium_path() -> str | None:
     return os.environ.get("AKL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def http(service: Embedded) -> httpx.Client:
+    """The service's client with a timeout for a loaded machine (httpx's default is 5 s)."""
+    client = service.http()
+    client.timeout = httpx.Timeout(60)
+    return client
 
 
 @dataclass
@@ -65,22 +73,22 @@ def service(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def finished(service: Embedded, tmp_path_factory: pytest.TempPathFactory) -> Finished:
     workdir = tmp_path_factory.mktemp("ui-jobs")
     ids = {}
-    with service.http() as http:
+    with http(service) as client:
         for loss in ("akl", "fkl"):
             spec = tiny_job(
                 workdir, steps=4, checkpoint_every=2, data={"train": "demo:train", "max_train_examples": 16},
                 loss={"name": loss}, evaluation={"teacher_reference": True},
             )  # fmt: skip
             spec["metadata"] = {"sweep": "loss", "note": XSS}
-            response = http.post("/v1/jobs", json=spec)
+            response = client.post("/v1/jobs", json=spec)
             assert response.status_code == 201, response.text
             ids[loss] = response.json()["id"]
         for job_id in ids.values():
             services.wait_for(
-                lambda job_id=job_id: http.get(f"/v1/jobs/{job_id}").json()["status"] in TERMINAL,
+                lambda job_id=job_id: client.get(f"/v1/jobs/{job_id}").json()["status"] in TERMINAL,
                 240, f"job {job_id}", interval=0.5,
             )  # fmt: skip
-            status = http.get(f"/v1/jobs/{job_id}").json()["status"]
+            status = client.get(f"/v1/jobs/{job_id}").json()["status"]
             assert status == "succeeded", f"{job_id} {status}\n{service.log.read_text()[-3000:]}"
     return Finished(**ids)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_embedded import Embedded
-from tests.ui.conftest import XSS, Finished, Page
+from tests.ui.conftest import XSS, Finished, Page, http
+from tests.worker import services
 
 pytestmark = [pytest.mark.ui, pytest.mark.integration]
 
@@ -37,8 +38,8 @@ def _key(service: Embedded) -> str:
 
 
 def _api_points(service: Embedded, job_id: str) -> list[dict]:
-    with service.http() as http:
-        response = http.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": MAX_POINTS})
+    with http(service) as client:
+        response = client.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": MAX_POINTS})
     assert response.status_code == 200
     return response.json()["data"]
 
@@ -127,9 +128,9 @@ def test_job_page_plots_exactly_the_api_metrics(
     for shown, name in zip(values[1:], CHARTS["gaps"], strict=True):
         assert float(shown) == pytest.approx(points[-1][name], rel=1e-3), name
 
-    with service.http() as http:
-        evaluation = http.get(f"/v1/jobs/{finished.akl}/evaluations").json()["data"][-1]
-        events = http.get(f"/v1/jobs/{finished.akl}/events").json()["data"]
+    with http(service) as client:
+        evaluation = client.get(f"/v1/jobs/{finished.akl}/evaluations").json()["data"][-1]
+        events = client.get(f"/v1/jobs/{finished.akl}/events").json()["data"]
     cells = page.locator("#evaluations tbody tr").last.locator("td").all_inner_texts()
     assert cells[0] == str(evaluation["step"])
     assert float(cells[1].split("±")[0]) == pytest.approx(evaluation["metrics"]["rouge_l"], abs=0.01)
@@ -225,10 +226,10 @@ def test_submit_from_the_form_then_cancel_it(
 
     # A spec the schema accepts but the server refuses: the API's own message is shown.
     missing = good.replace(f"train: {file_id}", "train: file-doesnotexist")
-    with service.http() as http:
+    with http(service) as client:
         import yaml
 
-        expected = http.post("/v1/jobs", json=yaml.safe_load(missing)).json()["detail"]
+        expected = client.post("/v1/jobs", json=yaml.safe_load(missing)).json()["detail"]
     editor.fill(missing)
     page.get_by_text("The spec matches the schema.").wait_for()
     page.get_by_role("button", name="Submit job").click()
@@ -240,8 +241,8 @@ def test_submit_from_the_form_then_cancel_it(
     page.get_by_role("button", name="Submit job").click()
     page.wait_for_url(re.compile(r"#/jobs/job-[0-9a-f]+$"))
     job_id = page.url.rsplit("/", 1)[1]
-    with service.http() as http:
-        submitted = http.get(f"/v1/jobs/{job_id}").json()
+    with http(service) as client:
+        submitted = client.get(f"/v1/jobs/{job_id}").json()
     assert submitted["spec"]["data"]["train"] == file_id and submitted["spec"]["training"]["max_steps"] == 400
 
     # Cancel it once it runs: the button asks first, then the worker stops it.
@@ -249,8 +250,8 @@ def test_submit_from_the_form_then_cancel_it(
     page.get_by_role("button", name="Cancel job").click()
     page.get_by_role("button", name="Yes, cancel it").click()
     page.locator(".view-head .badge", has_text="cancelled").wait_for(timeout=90_000)
-    with service.http() as http:
-        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    with http(service) as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
     assert page.get_by_role("button", name="Cancel job").count() == 0
     page.screenshot(path=screenshots / "cancelled.png", full_page=True)
 
@@ -267,3 +268,67 @@ def test_usable_at_phone_width(phone: Page, service: Embedded, finished: Finishe
     width = page.locator("#chart-loss canvas").bounding_box()["width"]
     assert 200 < width <= 390
     page.screenshot(path=screenshots / "phone-job.png", full_page=True)
+
+
+def test_a_long_history_is_drawn_from_max_points(ui: Page, service: Embedded, tmp_path: Path):
+    """50,000 recorded steps: the page asks for 1000 evenly spaced points and draws them quickly."""
+    import math
+    import time
+
+    from sqlalchemy import insert
+
+    from api.db.models import JobMetric
+    from api.db.session import make_engine, session_factory
+    from tests.reliability.conftest import tiny_job
+
+    with http(service) as client:
+        job_id = client.post(
+            "/v1/jobs", json=tiny_job(tmp_path, steps=4, data={"train": "demo:train"})
+        ).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        services.wait_for(
+            lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled", 120, "cancel"
+        )
+    rows = [
+        {
+            "job_id": job_id,
+            "step": step,
+            "loss": 3 + math.sin(step / 900),
+            "g_head": 0.3,
+            "g_tail": 0.5,
+            "w_head": 0.4,
+        }
+        for step in range(1000, 51_000)
+    ]
+    engine = make_engine(f"sqlite:///{service.data_root / 'akl.db'}")
+    try:
+        with session_factory(engine)() as session:
+            session.execute(insert(JobMetric), rows)
+            session.commit()
+    finally:
+        engine.dispose()
+
+    page = ui.page
+    ui.sign_in(_key(service))
+    started = time.monotonic()
+    page.goto(f"{ui.url}/ui/#/jobs/{job_id}")
+    page.locator('[data-loaded="true"]').wait_for()
+    page.locator("#chart-loss canvas").wait_for()
+    seconds = time.monotonic() - started
+    with http(service) as client:
+        api_started = time.monotonic()
+        metrics = client.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": MAX_POINTS}).json()
+        api_seconds = time.monotonic() - api_started
+    points = metrics["data"]
+    charts = page.evaluate("window.akl.charts")
+    assert (
+        metrics["total_points"] >= len(rows)
+        and len(points) == MAX_POINTS
+        and charts["loss"]["steps"] == [p["step"] for p in points]
+    )
+    assert charts["loss"]["series"]["loss"] == _column(points, "loss")
+    assert page.locator(".charts").get_attribute("data-total-points") == str(metrics["total_points"])
+    print(
+        f"\n{len(rows)} steps: job page drawn in {seconds:.2f} s, the metrics call alone {api_seconds:.2f} s"
+    )
+    assert seconds < 15
