@@ -27,6 +27,16 @@ function axisValues(_u, values) {
   return values.map((v) => (v === null ? "" : num(v, 3)));
 }
 
+// The legend shows the values under the cursor; with no cursor on the chart (idx null), the
+// latest recorded ones rather than dashes.
+function shown(u, v, sidx, idx) {
+  if (idx !== null && idx !== undefined) return v;
+  const column = u.data[sidx] || [];
+  for (let i = column.length - 1; i >= 0; i--)
+    if (column[i] !== null && column[i] !== undefined) return column[i];
+  return null;
+}
+
 function options(chart, width) {
   return {
     width,
@@ -35,14 +45,14 @@ function options(chart, width) {
     legend: { live: true },
     cursor: { focus: { prox: 16 } },
     series: [
-      { label: "step", value: (_u, v) => (v === null || v === undefined ? "–" : String(v)) },
+      { label: "step", value: (u, v, sidx, idx) => num(shown(u, v, sidx, idx)) },
       ...chart.series.map((s, i) => ({
         label: s.label,
         stroke: s.color || PALETTE[i % PALETTE.length],
         width: 1.5,
         spanGaps: true,
         points: { show: false },
-        value: (_u, v) => num(v),
+        value: (u, v, sidx, idx) => num(shown(u, v, sidx, idx)),
       })),
     ],
     axes: [
