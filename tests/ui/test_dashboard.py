@@ -186,6 +186,7 @@ def test_compare_two_jobs(ui: Page, service: Embedded, finished: Finished, scree
     assert header[1:] == [finished.akl, finished.fkl]
     rouge = page.locator("#compare-evaluations tbody tr", has_text="Rouge-L (student)").locator("td")
     assert rouge.count() == 2 and "±" in rouge.first.inner_text()
+    assert page.evaluate(UNNAMED) == []
     page.screenshot(path=screenshots / "compare.png", full_page=True)
 
 
@@ -222,6 +223,7 @@ def test_submit_from_the_form_then_cancel_it(
     posts = len([u for u in ui.requests if u.endswith("/v1/jobs")])
     page.get_by_role("button", name="Submit job").click()
     assert check.get_attribute("data-valid") == "false"
+    assert page.evaluate(UNNAMED) == []
     page.screenshot(path=screenshots / "submit-invalid.png", full_page=True)
 
     # A spec the schema accepts but the server refuses: the API's own message is shown.
