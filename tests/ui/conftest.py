@@ -122,6 +122,11 @@ def open_page(browser, service: Embedded, **context) -> Iterator[Page]:
     opened = Page(page=page, url=service.url)
     page.on("request", lambda request: opened.requests.append(request.url))
     page.on("pageerror", lambda error: opened.errors.append(str(error)))
+    # A resource the Content-Security-Policy blocked is logged on the console, not raised.
+    page.on(
+        "console",
+        lambda message: "Content Security Policy" in message.text and opened.errors.append(message.text),
+    )
     try:
         yield opened
     finally:
