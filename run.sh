@@ -35,6 +35,19 @@ start_services() {
   fi
 }
 
+ensure_chromium() {
+  # The dashboard tests (tests/ui, marker `ui`) drive Debian's chromium package, never a browser
+  # download; without it they skip with a message.
+  if command -v chromium >/dev/null; then return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium for the dashboard tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null ||
+      echo "chromium could not be installed: the ui tests will skip" >&2
+  else
+    echo "no chromium and not root: the ui tests will skip (apt-get install chromium)" >&2
+  fi
+}
+
 case "${1:-}" in
   demo)
     setup_venv
@@ -44,6 +57,7 @@ case "${1:-}" in
   test)
     setup_venv
     start_services
+    ensure_chromium
     export PATH="$PWD/$VENV/bin:$PATH"
     exec python -m pytest -q "${@:2}"
     ;;

@@ -507,6 +507,7 @@ EVAL_KEYS = (
     "val_ce",
     "val_kl",
     "teacher_rouge_l",
+    "teacher_rouge_l_std",
     "teacher_rouge_l_greedy",
     "num_examples",
 )

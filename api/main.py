@@ -13,6 +13,7 @@ from api.core.errors import install_error_handlers
 from api.core.limits import MULTIPART_OVERHEAD, BodyLimitMiddleware
 from api.queue import celery_client
 from api.routes import api_router, health
+from api.ui import DashboardFiles
 
 JSON_BODY_LIMIT = 1024 * 1024
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router)
+    app.mount("/ui", DashboardFiles(), name="ui")
     return app
 
 

@@ -20,14 +20,28 @@ def list_events(
 
 
 def list_metrics(
-    *, session: Session, job_id: str, from_step: int | None = None, to_step: int | None = None
-) -> list[JobMetric]:
-    query = select(JobMetric).where(JobMetric.job_id == job_id)
+    *,
+    session: Session,
+    job_id: str,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    max_points: int | None = None,
+) -> tuple[list[JobMetric], int]:
+    """At most ``max_points`` rows at an even stride (``downsample``), and how many there are.
+
+    The steps are read first and only the picked rows are loaded: a 50,000-step history plotted
+    at 1000 points builds 1000 ORM rows, not 50,000 (the dashboard's charts ask for 1000)."""
+    where = [JobMetric.job_id == job_id]
     if from_step is not None:
-        query = query.where(JobMetric.step >= from_step)
+        where.append(JobMetric.step >= from_step)
     if to_step is not None:
-        query = query.where(JobMetric.step <= to_step)
-    return list(session.scalars(query.order_by(JobMetric.step)))
+        where.append(JobMetric.step <= to_step)
+    steps = list(session.scalars(select(JobMetric.step).where(*where).order_by(JobMetric.step)))
+    picked = downsample(len(steps), max_points or len(steps) or 1)
+    if len(picked) < len(steps):
+        where.append(JobMetric.step.in_([steps[i] for i in picked]))
+    rows = list(session.scalars(select(JobMetric).where(*where).order_by(JobMetric.step)))
+    return rows, len(steps)
 
 
 def downsample(count: int, max_points: int) -> list[int]:

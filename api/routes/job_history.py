@@ -54,8 +54,9 @@ def get_metrics(
 ) -> MetricsPublic | Response:
     """Per-step history (loss, lr, tokens/s, g_head, g_tail, w_head, fkl, rkl, ...)."""
     get_job_or_404(session, tenant, job_id)
-    rows = history_crud.list_metrics(session=session, job_id=job_id, from_step=from_step, to_step=to_step)
-    picked = [rows[i] for i in history_crud.downsample(len(rows), max_points)]
+    picked, total = history_crud.list_metrics(
+        session=session, job_id=job_id, from_step=from_step, to_step=to_step, max_points=max_points
+    )
     points = [{name: getattr(row, name) for name in CSV_FIELDS} for row in picked]
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
@@ -65,7 +66,7 @@ def get_metrics(
         writer.writerows(points)
         headers = {"Content-Disposition": f'attachment; filename="{job_id}-metrics.csv"'}
         return Response(buffer.getvalue(), media_type="text/csv", headers=headers)
-    return MetricsPublic(job_id=job_id, fields=list(CSV_FIELDS), total_points=len(rows), data=points)
+    return MetricsPublic(job_id=job_id, fields=list(CSV_FIELDS), total_points=total, data=points)
 
 
 @router.get("/{job_id}/evaluations")

@@ -77,6 +77,20 @@ def test_metrics_json_with_step_range_and_downsampling(
     assert bad.status_code == 422
 
 
+def test_metrics_downsample_a_step_range_of_a_long_history(
+    client: TestClient, headers: dict[str, str], job_id: str, db: Session
+) -> None:
+    # Steps with gaps (a resumed run can skip none, but a range can start anywhere): the picked
+    # rows are the even-stride choice among the rows in the range, and only they are loaded.
+    _add_metrics(db, job_id, range(1, 4001, 2))
+    params = {"from_step": 101, "to_step": 3001, "max_points": 10}
+    page = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers, params=params).json()
+    in_range = list(range(101, 3002, 2))
+    assert page["total_points"] == len(in_range)
+    assert [p["step"] for p in page["data"]] == [in_range[i] for i in downsample(len(in_range), 10)]
+    assert page["data"][-1]["loss"] == 10.0 / 3001
+
+
 def test_metrics_csv_by_format_or_accept(
     client: TestClient, headers: dict[str, str], job_id: str, db: Session
 ) -> None:
