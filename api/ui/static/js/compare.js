@@ -2,8 +2,8 @@
 // and their final evaluations in one table. #/compare/ID,ID,... ; without ids, a picker.
 import { api } from "./api.js";
 import { align, lineChart, PALETTE } from "./charts.js";
-import { h, lossName, meanStd, num, statusBadge, studentName, table, when } from "./dom.js";
-import { columns, MAX_POINTS } from "./job.js";
+import { h, lossName, statusBadge, studentName, table, when } from "./dom.js";
+import { columns, EVAL_METRICS, MAX_POINTS } from "./job.js";
 
 export const MIN_JOBS = 2;
 export const MAX_JOBS = 8;
@@ -17,14 +17,7 @@ const METRICS = [
   ["w_head", "w_head"],
 ];
 
-const EVAL_ROWS = [
-  ["Rouge-L (student)", (m) => meanStd(m, "rouge_l")],
-  ["Rouge-L (teacher)", (m) => meanStd(m, "teacher_rouge_l")],
-  ["distinct-1", (m) => num(m.distinct_1, 3)],
-  ["distinct-2", (m) => num(m.distinct_2, 3)],
-  ["Validation CE", (m) => num(m.val_ce)],
-  ["Validation KL", (m) => num(m.val_kl)],
-];
+const EVAL_ROWS = EVAL_METRICS;
 
 async function picker(view, ctx) {
   const page = await api.get("/v1/jobs?limit=100");

@@ -40,15 +40,19 @@ export function columns(points, fields) {
   return out;
 }
 
-const EVAL_COLUMNS = [
-  ["Step", (m, e) => String(e.step)],
+/** The evaluation metrics shown for a job and side by side in Compare: [label, cell(metrics)]. */
+export const EVAL_METRICS = [
   ["Rouge-L (student)", (m) => meanStd(m, "rouge_l")],
   ["Rouge-L (teacher)", (m) => meanStd(m, "teacher_rouge_l")],
+  ["Greedy Rouge-L (student)", (m) => num(m.rouge_l_greedy)],
+  ["Greedy Rouge-L (teacher)", (m) => num(m.teacher_rouge_l_greedy)],
   ["distinct-1", (m) => num(m.distinct_1, 3)],
   ["distinct-2", (m) => num(m.distinct_2, 3)],
   ["Validation CE", (m) => num(m.val_ce)],
   ["Validation KL", (m) => num(m.val_kl)],
 ];
+
+const EVAL_COLUMNS = [["Step", (m, e) => String(e.step)], ...EVAL_METRICS];
 
 export function evaluationTable(evaluations) {
   if (!evaluations.length)
