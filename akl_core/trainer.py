@@ -519,6 +519,8 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
         sink.emit("completed", step=done["step"], final_path="final", metrics=done["metrics"])
         return done
     latest = ckpt.latest_checkpoint(output_dir) if resume else None
+    # Loading can take minutes for a large teacher: say so before the first `started` event.
+    sink.emit("loading", message="loading the teacher, the student and the data")
     s = _setup(spec, device, models_root, allow_hub, latest)
     if not s.train:
         raise DistillError("invalid_data", "the training data has no examples")

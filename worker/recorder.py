@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
-LOGGED_TYPES = ("started", "eval", "checkpoint", "log", "completed", "stopped", "error")
+# The events that say why a job went back to the queue (worker/jobs.py, worker/reconciler.py).
+RESUME_REASONS = ("released", "requeued")
+LOGGED_TYPES = ("loading", "started", "eval", "checkpoint", "log", "completed", "stopped", "error")
 
 
 class LeaseLost(RuntimeError):
@@ -72,10 +74,11 @@ class EventRecorder:
         self.last_flush = time.monotonic()
         self.lease_lost = False
         self.flushes = 0  # number of transactions written (tests check batching)
+        self.previous_step: int | None = None  # the job's current_step when this run started
 
     def add(self, event: Event) -> None:
         self.buffer.append(event)
-        urgent = event.get("type") in ("started", "completed", "stopped", "error")
+        urgent = event.get("type") in ("loading", "started", "completed", "stopped", "error")
         if urgent or len(self.buffer) >= self.flush_max_events:
             self.flush()
 
@@ -110,6 +113,9 @@ class EventRecorder:
         for event in events:
             kind = event.get("type")
             if kind == "started":
+                self.previous_step = _int(
+                    session.scalar(select(Job.current_step).where(Job.id == self.job_id))
+                )
                 values["total_steps"] = int(event.get("total_steps") or 0) or None
                 values["current_step"] = int(event.get("resumed_from_step") or 0)
             elif kind == "step":
@@ -146,6 +152,8 @@ class EventRecorder:
                 steps = {}
                 resumed = int(event.get("resumed_from_step") or 0)
                 self._truncate_after(session, resumed)
+                if resumed or self.previous_step:
+                    session.add(self._resumed_event(session, resumed))
                 if resumed:
                     self._backfill(session, resumed)
             elif kind == "step":
@@ -170,6 +178,23 @@ class EventRecorder:
         self._flush_steps(session, steps)
         if any(e.get("type") in ("started", "checkpoint", "stopped", "completed") for e in events):
             self._prune_checkpoints(session)
+
+    def _resumed_event(self, session: Session, step: int) -> JobEvent:
+        """Why this run starts where it does: the last hand-back's reason, and the steps that
+        are trained again when the previous run got further than its last checkpoint."""
+        why = session.scalar(
+            select(JobEvent.message)
+            .where(JobEvent.job_id == self.job_id, JobEvent.type.in_(RESUME_REASONS))
+            .order_by(JobEvent.id.desc())
+            .limit(1)
+        )
+        message = f"resumed from step {step}" if step else "started again from step 0 (no checkpoint)"
+        message += f": {why}" if why else ""
+        before = self.previous_step or 0
+        if before > step:
+            message += f"; steps {step + 1}..{before} are trained again (no checkpoint after step {step})"
+        data = {"step": step, "previous_step": before, "reason": why}
+        return JobEvent(job_id=self.job_id, type="resumed", level="info", message=message, data=data)
 
     def _truncate_after(self, session: Session, step: int) -> None:
         """A (re)started run continues from ``step``: history beyond it will be written again."""

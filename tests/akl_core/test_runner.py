@@ -50,7 +50,7 @@ def test_completed_run_prints_json_lines(models_root, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]  # every stdout line is an event
-    assert [e["type"] for e in events] == ["started", "log", "step", "step", "step", "completed"]
+    assert [e["type"] for e in events] == ["loading", "started", "log", "step", "step", "step", "completed"]
     assert events == [json.loads(line) for line in (tmp_path / "out/events.jsonl").read_text().splitlines()]
     assert (tmp_path / "out/final/model.safetensors").is_file()
 
