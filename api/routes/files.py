@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path, PurePath
 from typing import Annotated
 
 import fastapi
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 
-from akl_core.data import DataError, validate_jsonl_stream
+from akl_core.data import DataError
 from api.core.config import Settings
+from api.core.uploads import validate_staged
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
 from api.db.models import File
@@ -19,6 +21,7 @@ from api.schemas.common import Deleted, Page
 from api.schemas.files import FilePublic, FilePurpose
 
 router = APIRouter(prefix="/files", tags=["files"])
+COPY_CHUNK = 1024 * 1024
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -36,8 +39,8 @@ def upload_file(
             'file: send it as a file part with a filename (Content-Disposition: form-data; name="file"; '
             'filename="train.jsonl"); this part had no filename',
         )
-    # A plain `def`: FastAPI runs it in a worker thread, so validating 100 MiB does not hold up
-    # other requests; the multipart parser has already spooled the upload to a temporary file.
+    # A plain `def`: FastAPI runs it in a worker thread; the multipart parser has already spooled
+    # the upload to a temporary file, and the parsing happens in a pool process (api/core/uploads.py).
     assert settings.files_root is not None
     file_id, staged = files_crud.staging_path(root=settings.files_root, tenant_id=tenant.id)
     try:
@@ -64,7 +67,7 @@ def upload_file(
 
 
 def _stage(file: UploadFile, staged: Path, settings: Settings) -> tuple[int, int]:
-    """Copy the upload to ``staged`` while validating it line by line (memory: one line)."""
+    """Copy the upload to ``staged`` and validate it line by line in a pool process."""
     file.file.seek(0, os.SEEK_END)
     size = file.file.tell()
     if size > settings.max_upload_bytes:
@@ -72,17 +75,15 @@ def _stage(file: UploadFile, staged: Path, settings: Settings) -> tuple[int, int
     if size == 0:
         raise HTTPException(400, "file is empty")
     file.file.seek(0)
+    with open(staged, "wb") as out:
+        shutil.copyfileobj(file.file, out, COPY_CHUNK)
+        out.flush()
+        os.fsync(out.fileno())
     try:
-        with open(staged, "wb") as out:
-            counted = validate_jsonl_stream(
-                file.file, out, max_line_bytes=settings.max_line_bytes, name="file"
-            )
-            out.flush()
-            os.fsync(out.fileno())
+        return validate_staged(staged, max_line_bytes=settings.max_line_bytes)
     except DataError as exc:
         detail = "file is empty (no examples)" if str(exc).endswith("(the file is empty)") else str(exc)
         raise HTTPException(400, f"invalid JSONL: {detail}") from None
-    return counted
 
 
 def _base_name(filename: str | None) -> str:
