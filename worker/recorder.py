@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ class EventRecorder:
         self.lease_lost = False
         self.flushes = 0  # number of transactions written (tests check batching)
         self.previous_step: int | None = None  # the job's current_step when this run started
+        self._last_step: tuple[int, float] | None = None  # (step, time) of the previous step event
+        self._seconds_per_step: float | None = None
 
     def add(self, event: Event) -> None:
         self.buffer.append(event)
@@ -123,7 +126,7 @@ class EventRecorder:
                 values.update(current_step=step, trained_tokens=int(event.get("trained_tokens") or 0))
                 if total:
                     values.update(total_steps=total, progress=min(1.0, step / total))
-                metrics = {**(metrics or {}), **_current(event)}
+                metrics = {**(metrics or {}), **_current(event), **self._pace(event)}
             elif kind == "eval":
                 evals = {f"eval_{k}": _float(v) for k, v in _numbers(event).items() if k != "step"}
                 metrics = {**(metrics or {}), **evals}
@@ -178,6 +181,17 @@ class EventRecorder:
         self._flush_steps(session, steps)
         if any(e.get("type") in ("started", "checkpoint", "stopped", "completed") for e in events):
             self._prune_checkpoints(session)
+
+    def _pace(self, event: Event) -> dict[str, float]:
+        """``seconds_per_step`` (a moving average over this run's steps) for the job's ETA."""
+        at, step = _float(event.get("time")), int(event["step"])
+        last, self._last_step = self._last_step, (step, at) if at is not None else None
+        if at is None or last is None or step <= last[0]:
+            return {} if self._seconds_per_step is None else {"seconds_per_step": self._seconds_per_step}
+        pace = (at - last[1]) / (step - last[0])
+        previous = self._seconds_per_step
+        self._seconds_per_step = pace if previous is None else 0.8 * previous + 0.2 * pace
+        return {"seconds_per_step": self._seconds_per_step}
 
     def _resumed_event(self, session: Session, step: int) -> JobEvent:
         """Why this run starts where it does: the last hand-back's reason, and the steps that
@@ -243,6 +257,7 @@ class EventRecorder:
                 "job_id": self.job_id,
                 "step": step,
                 "trained_tokens": _int(e.get("trained_tokens")),
+                "created_at": _time(e),
                 **_step_metrics(e),
             }
             for step, e in sorted(steps.items())
@@ -274,6 +289,12 @@ class EventRecorder:
         for row in rows:
             if not (self.output_dir / row.path).is_dir():
                 session.delete(row)
+
+
+def _time(event: Event) -> datetime:
+    """When the step ended (the runner's clock); the time it reached us for older runners."""
+    at = _float(event.get("time"))
+    return datetime.fromtimestamp(at, tz=timezone.utc) if at is not None else utcnow()
 
 
 def _step_metrics(event: Event) -> dict[str, float | None]:
