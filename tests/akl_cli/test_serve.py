@@ -118,6 +118,7 @@ def test_a_killed_worker_is_restarted_the_api_stays_up_and_the_job_resumes_where
             services.wait_for(
                 lambda: http.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded", 240, "the resumed job"
             )
+            job = http.get(f"/v1/jobs/{job_id}").json()
             history = http.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
             events = http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
         assert [p["step"] for p in history] == list(range(1, steps + 1))  # no gaps, no duplicates
@@ -127,5 +128,10 @@ def test_a_killed_worker_is_restarted_the_api_stays_up_and_the_job_resumes_where
         reached = max(e["step"] for e in run[: starts[1]] if e["type"] == "step")
         assert run[starts[1]]["resumed_from_step"] == reached >= 3  # the orphan's exit checkpoint
         assert any(e["type"] == "resumed" and f"step {reached}" in e["message"] for e in events), events
+        assert "worker" in next(e["message"] for e in events if e["type"] == "resumed")  # and why
+        assert [e["type"] for e in events].count("loading") == 2  # one per run
+        assert all(p["created_at"] for p in history)
+        completed = next(e for e in events if e["type"] == "completed")
+        assert job["finished_at"] - completed["created_at"] <= 2  # succeeded follows the runner at once
     finally:
         services.stop_group(serve, signal.SIGINT, timeout=60)
