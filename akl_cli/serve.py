@@ -14,6 +14,7 @@ starts.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import secrets
 import signal
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -98,6 +100,7 @@ class Child:
     quick_deaths: int = 0  # deaths in a row, each soon after a start
     restart_at: float | None = None
     restarts: int = field(default=0)
+    on_death: Callable[[int], None] = field(default=lambda pid: None)
 
     def start(self) -> None:
         self.proc = _start(self.argv, self.env)
@@ -115,6 +118,7 @@ class Child:
         if self.proc is None or self.proc.poll() is None:
             return None
         code = self.proc.returncode
+        self.on_death(self.proc.pid)
         self.quick_deaths = self.quick_deaths + 1 if now - self.started_at < STABLE_S else 1
         if self.quick_deaths > MAX_QUICK_DEATHS:
             typer.echo(
@@ -197,7 +201,11 @@ def serve(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     api = Child("the API", api_argv(host, port), env)
-    workers = [Child(f"worker akl-{i}", worker_argv(i, queues), env) for i in range(workers_concurrency)]
+    release = functools.partial(expire_leases_of, settings.database_url)
+    workers = [
+        Child(f"worker akl-{i}", worker_argv(i, queues), env, on_death=release)
+        for i in range(workers_concurrency)
+    ]
     children = [api, *workers]
     for child in children:
         child.start()
@@ -218,6 +226,29 @@ def serve(
     finally:
         typer.echo("stopping: workers checkpoint and hand their jobs back ...", err=True)
         stop_all([c.proc for c in [*workers, api] if c.proc is not None])
+
+
+def expire_leases_of(database_url: str, pid: int) -> None:
+    """End the leases of a worker that died (owner ``host:pid:*``, worker/leases.py) now rather
+    than when they run out: the restarted worker's reconciler takes its job at its first pass,
+    and the resumed runner waits on the output lock for the orphan's exit checkpoint."""
+    from sqlalchemy import update
+
+    from api.db.models import RUNNING, Job, utcnow
+    from api.db.session import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                update(Job)
+                .where(Job.status == RUNNING, Job.lease_owner.like(f"{socket.gethostname()}:{pid}:%"))
+                .values(lease_expires_at=utcnow())
+            )
+    except Exception as exc:  # the lease then runs out by itself
+        typer.echo(f"warning: could not release the jobs of worker pid {pid}: {exc}", err=True)
+    finally:
+        engine.dispose()
 
 
 def _supervise(children: list[Child], stopping: dict[str, int]) -> None:
