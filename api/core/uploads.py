@@ -8,19 +8,15 @@ spawned processes does the parsing; each reads the staged file line by line (mem
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
 import threading
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from akl_core.data import validate_jsonl_stream
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _lock = threading.Lock()
 _pool: Executor | None = None
@@ -59,9 +55,13 @@ def _reset() -> None:
 
 
 def _die_with_parent() -> None:
-    """A pool process ends with the API, however the API ends (Linux; elsewhere the pool's pipe)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    """A pool process ends with the API, however the API ends. Not PR_SET_PDEATHSIG: that fires
+    when the *thread* that started the process exits, and the request threads come and go."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="akl-upload-parent-watch", daemon=True).start()
