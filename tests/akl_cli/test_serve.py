@@ -135,3 +135,27 @@ def test_a_killed_worker_is_restarted_the_api_stays_up_and_the_job_resumes_where
         assert job["finished_at"] - completed["created_at"] <= 2  # succeeded follows the runner at once
     finally:
         services.stop_group(serve, signal.SIGINT, timeout=60)
+
+
+def test_a_child_that_keeps_dying_is_restarted_with_backoff_then_given_up(tmp_path):
+    import typer
+
+    from akl_cli import serve
+
+    deaths: list[int] = []
+    child = serve.Child("worker akl-0", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
+                        on_death=deaths.append)  # fmt: skip
+    child.start()
+    now, delays = time.monotonic(), []
+    for _ in range(serve.MAX_QUICK_DEATHS):
+        child.proc.wait(timeout=30)
+        message = child.check(now)
+        assert message is not None and "exited (code 3)" in message
+        delays.append(child.restart_at - now)
+        assert child.check(now) is None  # not yet due
+        now = child.restart_at
+        assert "started again" in child.check(now)
+    assert delays == list(serve.BACKOFF_S) and len(deaths) == serve.MAX_QUICK_DEATHS
+    child.proc.wait(timeout=30)
+    with pytest.raises(typer.Exit):
+        child.check(now)  # the 7th death in a row within STABLE_S of its start: give up
