@@ -86,10 +86,18 @@ def _metrics_line(job: dict[str, Any]) -> str:
 def _describe(job: dict[str, Any]) -> str:
     total = job.get("total_steps") or "?"
     line = f"{job['id']}  {job['status']}  step {job.get('current_step', 0)}/{total}"
+    if isinstance(job.get("eta_seconds"), int):
+        line += f"  eta {_duration(job['eta_seconds'])}"
     if job.get("error"):
         line += f"\n  error {job['error']['code']}: {job['error']['message']}"
     metrics = _metrics_line(job)
     return line + (f"\n  {metrics}" if metrics else "")
+
+
+def _duration(seconds: int) -> str:
+    minutes, secs = divmod(max(0, seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def watch(http: httpx.Client, job_id: str, interval: float = 2.0) -> dict[str, Any]:
@@ -114,6 +122,8 @@ def watch(http: httpx.Client, job_id: str, interval: float = 2.0) -> dict[str, A
                     }
                 }
             )
+            if isinstance(job.get("eta_seconds"), int):
+                metrics = f"eta {_duration(job['eta_seconds'])}  {metrics}"
             progress.update(
                 task, description=f"{job_id} {job['status']}", completed=job.get("current_step") or 0,
                 total=job.get("total_steps"), metrics=metrics,

@@ -13,10 +13,11 @@ No torch or transformers import at module level: the API validates uploads with 
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +107,70 @@ def validate_jsonl_bytes(
     return len(parse_jsonl(data, name=name, format=format, max_line_bytes=max_line_bytes))
 
 
+def validate_jsonl_stream(
+    source: BinaryIO,
+    sink: BinaryIO | None = None,
+    *,
+    max_line_bytes: int = 1_000_000,
+    format: str = "auto",
+    name: str = "upload",
+) -> tuple[int, int]:
+    """Check a JSONL stream line by line and copy it to ``sink``, in memory bounded by one line
+    (``parse_jsonl`` keeps every example). Returns (examples, bytes); raises DataError."""
+    lines = _LineParser(name, format, max_line_bytes)
+    count = size = 0
+    for number in itertools.count(1):
+        raw = source.readline(max_line_bytes + 1)  # a longer line is refused before it is whole
+        if not raw:
+            break
+        size += len(raw)
+        if sink is not None:
+            sink.write(raw)
+        body = raw[:-1] if raw.endswith(b"\n") else raw
+        if len(body) > max_line_bytes:
+            where = f"{name}, line {number}"
+            raise DataError(f"{where}: line is longer than the limit of {max_line_bytes} bytes")
+        count += lines.parse(body, number) is not None
+    if not count:
+        raise DataError(f"{name}: no examples (the file is empty)")
+    return count, size
+
+
+class _LineParser:
+    """One JSONL line -> an Example (None for a blank line); the format is detected from the
+    first example unless given. Shared by ``parse_jsonl`` and ``validate_jsonl_stream``."""
+
+    def __init__(self, name: str, format: str, max_line_bytes: int | None):
+        if format not in FORMATS:
+            raise DataError(f"{name}: unknown format '{format}'; use one of {', '.join(FORMATS)}")
+        self.name, self.max_line_bytes = name, max_line_bytes
+        self.detected = None if format == "auto" else format
+
+    def parse(self, raw: bytes, number: int) -> Example | None:
+        where = f"{self.name}, line {number}"
+        if self.max_line_bytes is not None and len(raw) > self.max_line_bytes:
+            raise DataError(
+                f"{where}: line is {len(raw)} bytes, more than the limit of {self.max_line_bytes}"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+        if not text.strip():
+            return None
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:  # json's decoder on a line nested thousands deep
+            raise DataError(f"{where}: nested too deeply to be an example") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if self.detected is None:
+            self.detected = detect_format(row, where)
+        return _parse_row(row, self.detected, where, number)
+
+
 def parse_jsonl(
     data: bytes,
     name: str = "data",
@@ -114,31 +179,14 @@ def parse_jsonl(
     max_line_bytes: int | None = None,
 ) -> list[Example]:
     """Parse JSONL bytes; every error names ``name``, the 1-based line and the field."""
-    if format not in FORMATS:
-        raise DataError(f"{name}: unknown format '{format}'; use one of {', '.join(FORMATS)}")
+    lines = _LineParser(name, format, max_line_bytes)
     examples: list[Example] = []
-    detected = None if format == "auto" else format
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if limit is not None and len(examples) >= limit:
             break
-        where = f"{name}, line {number}"
-        if max_line_bytes is not None and len(raw) > max_line_bytes:
-            raise DataError(f"{where}: line is {len(raw)} bytes, more than the limit of {max_line_bytes}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        if detected is None:
-            detected = detect_format(row, where)
-        examples.append(_parse_row(row, detected, where, number))
+        example = lines.parse(raw, number)
+        if example is not None:
+            examples.append(example)
     if not examples:
         raise DataError(f"{name}: no examples (the file is empty)")
     return examples

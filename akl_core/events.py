@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def step_event(
     gaps = {k: float(stats.get(k, math.nan)) for k in STEP_STATS}
     return make_event(
         "step",
+        time=time.time(),  # unix seconds: the metric point's timestamp and the job's ETA
         step=int(step),
         total_steps=int(total_steps),
         epoch=float(epoch),

@@ -5,7 +5,11 @@ worker's contract, docs/architecture.md); logs and library chatter go to stderr.
 completed, 1 failed (an `error` event was printed first), 3 stopped.
 
 SIGTERM asks for a graceful stop: the current optimizer step finishes, a checkpoint is written, a
-`stopped` event is printed and the process exits with 3. With ``resources.processes > 1`` the
+`stopped` event is printed and the process exits with 3. The death of the parent (the worker) is a
+stop request too: PR_SET_PDEATHSIG turns it into SIGTERM on Linux, and a watchdog notices a new
+parent pid or a closed stdout pipe elsewhere; events then go on to events.jsonl only, so the next
+run resumes from the step this one reached (RELIABILITY.md, "Process supervision"). A lock file in
+OUTPUT_DIR makes a resumed run wait until such an orphan has written its checkpoint and exited. With ``resources.processes > 1`` the
 runner re-launches itself under ``torch.distributed.run``; rank 0's events pass through and a stop
 request reaches every rank through a stop file in OUTPUT_DIR.
 """
@@ -13,6 +17,10 @@ request reaches every rank through a stop file in OUTPUT_DIR.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -20,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,19 +39,91 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 STOP_FILE_ENV = "AKL_STOP_FILE"
 CHILD_ENV = "AKL_RUNNER_CHILD"
 STOP_FILE = ".stop-requested"
+LOCK_FILE = ".runner.lock"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_POLL_S = 1.0
+LOCK_WAIT_S = 600.0  # an orphan finishing its step and checkpoint; longer means it is stuck
 
 log = logging.getLogger("akl_core.runner")
 
 
-def _printer(out: TextIO):
+def _printer(out: TextIO, on_closed: Callable[[], None] = lambda: None):
+    """``emit(event)``: one JSON line on ``out``. When the reader is gone (the worker died) the
+    first failed write calls ``on_closed`` and later events are dropped here - the sink has
+    already written them to events.jsonl, where the next run's recorder finds them."""
     lock = threading.Lock()
+    closed = False
 
     def emit(event: Event) -> None:
+        nonlocal closed
         with lock:
-            out.write(dumps(event) + "\n")
-            out.flush()
+            if closed:
+                return
+            try:
+                out.write(dumps(event) + "\n")
+                out.flush()
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EBADF, None):
+                    raise
+                closed = True
+                _silence(out)
+                log.warning("the worker stopped reading events (%s); stopping at the next step", exc)
+                on_closed()
 
     return emit
+
+
+def _silence(out: TextIO) -> None:
+    """Point ``out`` at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def watch_parent(on_orphaned: Callable[[], None], poll_s: float = PARENT_POLL_S) -> threading.Thread:
+    """Ask the kernel for SIGTERM when the parent dies (Linux), and poll ``getppid()`` as the
+    fallback for other systems and for a parent that died before the request was made."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("the worker (pid %d) died; stopping at the next step", parent)
+        on_orphaned()
+
+    thread = threading.Thread(target=watch, name="akl-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def lock_output_dir(output_dir: Path, timeout_s: float = LOCK_WAIT_S):
+    """An exclusive lock on OUTPUT_DIR for this run's lifetime (released by the kernel when the
+    process ends, however it ends). Waits for an orphaned run of the same job to checkpoint and
+    exit first; returns the open lock file, or None when it stays held past ``timeout_s``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a")  # noqa: SIM115 - held until the process exits
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            if not waited:
+                log.warning("waiting for an earlier run of this job to checkpoint and exit")
+                waited = True
+            time.sleep(0.5)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -86,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     is_child = os.environ.get(CHILD_ENV) == "1"
     rank = int(os.environ.get("RANK", "0"))
-    printer = _printer(events_out) if rank == 0 else (lambda event: None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    # A closed stdout means the worker died: stop as on SIGTERM (checkpoint, then exit).
+    printer = _printer(events_out, on_closed=stop.set) if rank == 0 else (lambda event: None)
     errors: list[Event] = []
 
     def emit(event: Event) -> None:
@@ -95,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         printer(event)
 
     try:
-        return _run(args, emit, events_out, is_child)
+        return _run(args, emit, events_out, is_child, stop)
     except Exception as exc:  # noqa: BLE001 - the contract: every failure is an error event
         # A DistillError normally arrives with its event already printed; one raised before the
         # run's event sink existed (a worker without CUDA, say) has not been (RELIABILITY.md).
@@ -107,14 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _run(args: argparse.Namespace, emit: Callable[[Event], None], events_out: TextIO, is_child: bool) -> int:
+def _run(
+    args: argparse.Namespace,
+    emit: Callable[[Event], None],
+    events_out: TextIO,
+    is_child: bool,
+    stop: threading.Event,
+) -> int:
     """Load the spec and run it; any exception means failure (``main`` prints its error event)."""
     spec = load_spec_file(args.spec)
+    lock = None
+    if not is_child:
+        lock = _lock(args.output_dir, emit)  # held (open) until this process exits
+        if lock is None:
+            return EXIT_FAILED
+        watch_parent(stop.set)
     if spec.resources.processes > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_distributed(args, spec.resources.processes, events_out)
+        return _launch_distributed(args, spec.resources.processes, events_out, stop)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     stop_file = os.environ.get(STOP_FILE_ENV)
 
     def should_stop() -> bool:
@@ -131,7 +225,18 @@ def _run(args: argparse.Namespace, emit: Callable[[Event], None], events_out: Te
     return EXIT_COMPLETED
 
 
-def _launch_distributed(args: argparse.Namespace, processes: int, events_out: TextIO) -> int:
+def _lock(output_dir: Path, emit: Callable[[Event], None]):
+    """The output directory's lock, or None after an `error` event when it stays held."""
+    handle = lock_output_dir(output_dir)
+    if handle is None:
+        message = f"another run of this job still holds {LOCK_FILE} after {LOCK_WAIT_S:.0f} s"
+        emit(make_event("error", code="internal_error", message=message))
+    return handle
+
+
+def _launch_distributed(
+    args: argparse.Namespace, processes: int, events_out: TextIO, stop: threading.Event
+) -> int:
     """Re-run this module under torch.distributed.run; pass rank 0's events through."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stop_file = args.output_dir / STOP_FILE
@@ -150,6 +255,9 @@ def _launch_distributed(args: argparse.Namespace, processes: int, events_out: Te
     ]
     env = {**os.environ, CHILD_ENV: "1", STOP_FILE_ENV: str(stop_file)}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_file.touch())
+    if stop.is_set():  # orphaned before the ranks started
+        stop_file.touch()
+    threading.Thread(target=lambda: stop.wait() and stop_file.touch(), daemon=True).start()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     last: dict[str, Any] = {}
     assert proc.stdout is not None
@@ -160,8 +268,13 @@ def _launch_distributed(args: argparse.Namespace, processes: int, events_out: Te
             sys.stderr.write(line)  # not an event: a worker's stray output
             continue
         last = event if isinstance(event, dict) else last
-        events_out.write(line if line.endswith("\n") else line + "\n")
-        events_out.flush()
+        if not stop.is_set():  # after the worker died, rank 0's events.jsonl is the record
+            try:
+                events_out.write(line if line.endswith("\n") else line + "\n")
+                events_out.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                _silence(events_out)
+                stop.set()
     rc = proc.wait()
     stop_file.unlink(missing_ok=True)
     kind = last.get("type")
@@ -171,10 +284,16 @@ def _launch_distributed(args: argparse.Namespace, processes: int, events_out: Te
         return EXIT_STOPPED
     if kind != "error":
         message = f"torch.distributed.run exited with code {rc} before the run finished"
-        events_out.write(dumps(make_event("error", code="internal_error", message=message)) + "\n")
-        events_out.flush()
+        with contextlib.suppress(OSError, ValueError):
+            events_out.write(dumps(make_event("error", code="internal_error", message=message)) + "\n")
+            events_out.flush()
     return EXIT_FAILED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip the interpreter's teardown (seconds with torch loaded): the events are flushed and the
+    # files written, and the worker marks the job succeeded as soon as this process is gone.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)

@@ -6,6 +6,7 @@ Every field has a default and a bound; pydantic names the offending field in its
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,3 +173,12 @@ def check_model_ref(ref: str, field: str) -> str:
 def load_spec(data: dict[str, Any]) -> JobSpec:
     """Validate a plain dict (from YAML or JSON) into a JobSpec."""
     return JobSpec.model_validate(data)
+
+
+def total_steps(spec: JobSpec, num_examples: int, world_size: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, or ``epochs`` passes over ``num_examples`` in
+    global batches. Here, without torch, so the API can show it from submission."""
+    t = spec.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return t.epochs * math.ceil(num_examples / (t.batch_size * t.grad_accum * world_size))

@@ -34,7 +34,7 @@ from torch import nn
 
 from akl_core import checkpoint as ckpt
 from akl_core.events import DistillError, Event, EventSink, classify_error, json_safe, step_event
-from akl_core.spec import JobSpec
+from akl_core.spec import JobSpec, total_steps
 
 GAP_KEYS = ("g_head", "g_tail", "w_head", "fkl", "rkl", "head_size")
 
@@ -120,13 +120,6 @@ class DataOrder:
         ids = self.permutation(state.epoch)[state.index : state.index + count]
         state.index += len(ids)
         return ids
-
-
-def total_steps(spec: JobSpec, num_examples: int, world_size: int) -> int:
-    t = spec.training
-    if t.max_steps is not None:
-        return t.max_steps
-    return t.epochs * math.ceil(num_examples / (t.batch_size * t.grad_accum * world_size))
 
 
 def micro_batches(ids: list[int], batch_size: int, grad_accum: int, info: DistInfo) -> list[list[int]]:
@@ -539,6 +532,8 @@ def _run(spec, output_dir, sink, info, device, should_stop, resume, models_root,
         sink.emit("completed", step=done["step"], final_path="final", metrics=done["metrics"])
         return done
     latest = ckpt.latest_checkpoint(output_dir) if resume else None
+    # Loading can take minutes for a large teacher: say so before the first `started` event.
+    sink.emit("loading", message="loading the teacher, the student and the data")
     s = _setup(spec, device, models_root, allow_hub, latest)
     if not s.train:
         raise DistillError("invalid_data", "the training data has no examples")

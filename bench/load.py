@@ -12,6 +12,7 @@ Prints a table and writes JSON. Bounded in count and time; loopback only.
 
   python bench/load.py                                   # 40 jobs x 3 copies, 2 workers, tiny model
   python bench/load.py --jobs 300 --runner tests.worker.fake_runner   # the service alone, no torch
+  python bench/load.py --uploads 3                       # 3 concurrent 100 MiB uploads (bench/uploads.py)
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--runner", default="akl_core.runner", help="runner module the workers start")
     p.add_argument("--time-limit", type=float, default=420.0, help="give up draining after this long")
     p.add_argument("--models-root", type=Path, default=None, help="default: a temporary one")
-    p.add_argument("--json", type=Path, default=REPO / "bench/results/load.json")
+    p.add_argument("--uploads", type=int, default=0, help="instead: this many concurrent large uploads")
+    p.add_argument("--upload-mib", type=int, default=100, help="size of each upload")
+    p.add_argument("--json", type=Path, default=None, help="default: bench/results/load.json or uploads.json")
     return p.parse_args(argv)
 
 
@@ -227,6 +230,8 @@ def main(argv=None) -> int:
         stack.env.update(AKL_WORKER_RUNNER_MODULE=args.runner, AKL_WORKER_REQUEUE_AFTER_S="60",
                          AKL_WORKER_LEASE_S="30", AKL_WORKER_HEARTBEAT_S="5")  # fmt: skip
 
+    if args.uploads:
+        return upload_main(args)
     with tempfile.TemporaryDirectory(prefix="akl-load-") as tmp:
         root = Path(tmp)
         models_root = args.models_root or root / "models"
@@ -254,10 +259,32 @@ def main(argv=None) -> int:
     print(_table(result))
     for problem in accounting["problems"]:
         print("  problem:", problem)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"wrote {args.json}")
+    _write(args.json or REPO / "bench/results/load.json", result)
     return 0 if accounting["ok"] and not drained["unfinished"] else 1
+
+
+def upload_main(args: argparse.Namespace) -> int:
+    """The uploads case: the API alone (no worker), N concurrent uploads, other routes read."""
+    from bench import uploads
+
+    with tempfile.TemporaryDirectory(prefix="akl-uploads-") as tmp:
+        root = Path(tmp)
+        with running_stack(root, root / "models") as stack:
+            assert stack.api is not None
+            key = stack.new_key(f"uploads-{uuid.uuid4().hex[:6]}")
+            result = uploads.run(
+                stack.url, key, stack.api.pid, root, uploads=args.uploads, size_mib=args.upload_mib
+            )
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print(uploads.table(result))
+    _write(args.json or REPO / "bench/results/uploads.json", result)
+    return 0
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Update, and_, or_, select, update
 
-from api.db.models import QUEUED, RUNNING, Job, utcnow
+from api.db.models import QUEUED, RUNNING, Job, JobEvent, utcnow
 from worker import leases
 from worker.leases import SessionFactory
 
@@ -82,7 +82,8 @@ def _requeue_expired(session_factory: SessionFactory, job_id: str, now: datetime
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=now)
         .execution_options(synchronize_session=False)
     )
-    return _update_and_enqueue(session_factory, stmt, job_id, enqueue)
+    why = "its worker stopped renewing the lease (the worker died or lost the database); back to the queue"
+    return _update_and_enqueue(session_factory, stmt, job_id, enqueue, note=why)
 
 
 def _requeue_stale(
@@ -102,10 +103,14 @@ def _requeue_stale(
     return _update_and_enqueue(session_factory, stmt, job_id, enqueue)
 
 
-def _update_and_enqueue(session_factory: SessionFactory, stmt: Update, job_id: str, enqueue: Enqueue) -> bool:
+def _update_and_enqueue(
+    session_factory: SessionFactory, stmt: Update, job_id: str, enqueue: Enqueue, note: str | None = None
+) -> bool:
     with session_factory() as session, session.begin():
         if session.execute(stmt).rowcount != 1:
             return False  # another reconciler or a worker got there first
+        if note is not None:
+            session.add(JobEvent(job_id=job_id, type="requeued", level="warning", message=note))
         queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or "gpu"
     try:
         enqueue(job_id, queue)

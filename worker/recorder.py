@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
-LOGGED_TYPES = ("started", "eval", "checkpoint", "log", "completed", "stopped", "error")
+# The events that say why a job went back to the queue (worker/jobs.py, worker/reconciler.py).
+RESUME_REASONS = ("released", "requeued")
+LOGGED_TYPES = ("loading", "started", "eval", "checkpoint", "log", "completed", "stopped", "error")
 
 
 class LeaseLost(RuntimeError):
@@ -72,10 +75,13 @@ class EventRecorder:
         self.last_flush = time.monotonic()
         self.lease_lost = False
         self.flushes = 0  # number of transactions written (tests check batching)
+        self.previous_step: int | None = None  # the job's current_step when this run started
+        self._last_step: tuple[int, float] | None = None  # (step, time) of the previous step event
+        self._seconds_per_step: float | None = None
 
     def add(self, event: Event) -> None:
         self.buffer.append(event)
-        urgent = event.get("type") in ("started", "completed", "stopped", "error")
+        urgent = event.get("type") in ("loading", "started", "completed", "stopped", "error")
         if urgent or len(self.buffer) >= self.flush_max_events:
             self.flush()
 
@@ -110,6 +116,9 @@ class EventRecorder:
         for event in events:
             kind = event.get("type")
             if kind == "started":
+                self.previous_step = _int(
+                    session.scalar(select(Job.current_step).where(Job.id == self.job_id))
+                )
                 values["total_steps"] = int(event.get("total_steps") or 0) or None
                 values["current_step"] = int(event.get("resumed_from_step") or 0)
             elif kind == "step":
@@ -117,7 +126,7 @@ class EventRecorder:
                 values.update(current_step=step, trained_tokens=int(event.get("trained_tokens") or 0))
                 if total:
                     values.update(total_steps=total, progress=min(1.0, step / total))
-                metrics = {**(metrics or {}), **_current(event)}
+                metrics = {**(metrics or {}), **_current(event), **self._pace(event)}
             elif kind == "eval":
                 evals = {f"eval_{k}": _float(v) for k, v in _numbers(event).items() if k != "step"}
                 metrics = {**(metrics or {}), **evals}
@@ -146,6 +155,8 @@ class EventRecorder:
                 steps = {}
                 resumed = int(event.get("resumed_from_step") or 0)
                 self._truncate_after(session, resumed)
+                if resumed or self.previous_step:
+                    session.add(self._resumed_event(session, resumed))
                 if resumed:
                     self._backfill(session, resumed)
             elif kind == "step":
@@ -170,6 +181,34 @@ class EventRecorder:
         self._flush_steps(session, steps)
         if any(e.get("type") in ("started", "checkpoint", "stopped", "completed") for e in events):
             self._prune_checkpoints(session)
+
+    def _pace(self, event: Event) -> dict[str, float]:
+        """``seconds_per_step`` (a moving average over this run's steps) for the job's ETA."""
+        at, step = _float(event.get("time")), int(event["step"])
+        last, self._last_step = self._last_step, (step, at) if at is not None else None
+        if at is None or last is None or step <= last[0]:
+            return {} if self._seconds_per_step is None else {"seconds_per_step": self._seconds_per_step}
+        pace = (at - last[1]) / (step - last[0])
+        previous = self._seconds_per_step
+        self._seconds_per_step = pace if previous is None else 0.8 * previous + 0.2 * pace
+        return {"seconds_per_step": self._seconds_per_step}
+
+    def _resumed_event(self, session: Session, step: int) -> JobEvent:
+        """Why this run starts where it does: the last hand-back's reason, and the steps that
+        are trained again when the previous run got further than its last checkpoint."""
+        why = session.scalar(
+            select(JobEvent.message)
+            .where(JobEvent.job_id == self.job_id, JobEvent.type.in_(RESUME_REASONS))
+            .order_by(JobEvent.id.desc())
+            .limit(1)
+        )
+        message = f"resumed from step {step}" if step else "started again from step 0 (no checkpoint)"
+        message += f": {why}" if why else ""
+        before = self.previous_step or 0
+        if before > step:
+            message += f"; steps {step + 1}..{before} are trained again (no checkpoint after step {step})"
+        data = {"step": step, "previous_step": before, "reason": why}
+        return JobEvent(job_id=self.job_id, type="resumed", level="info", message=message, data=data)
 
     def _truncate_after(self, session: Session, step: int) -> None:
         """A (re)started run continues from ``step``: history beyond it will be written again."""
@@ -218,6 +257,7 @@ class EventRecorder:
                 "job_id": self.job_id,
                 "step": step,
                 "trained_tokens": _int(e.get("trained_tokens")),
+                "created_at": _time(e),
                 **_step_metrics(e),
             }
             for step, e in sorted(steps.items())
@@ -249,6 +289,12 @@ class EventRecorder:
         for row in rows:
             if not (self.output_dir / row.path).is_dir():
                 session.delete(row)
+
+
+def _time(event: Event) -> datetime:
+    """When the step ended (the runner's clock); the time it reached us for older runners."""
+    at = _float(event.get("time"))
+    return datetime.fromtimestamp(at, tz=timezone.utc) if at is not None else utcnow()
 
 
 def _step_metrics(event: Event) -> dict[str, float | None]:

@@ -1,4 +1,5 @@
-"""Uploaded JSONL files: bytes under ``{files_root}/{tenant_id}/``, one row each."""
+"""Uploaded JSONL files: bytes under ``{files_root}/{tenant_id}/``, one row each; an upload is
+staged as a hidden ``.{file_id}.tmp`` there while it is validated."""
 
 from __future__ import annotations
 
@@ -11,34 +12,35 @@ from sqlalchemy.orm import Session
 from api.db.models import File, new_id, utcnow
 
 
+def staging_path(*, root: Path, tenant_id: int) -> tuple[str, Path]:
+    """A new file id and the hidden path its bytes are written to before ``create_file``."""
+    file_id = new_id("file")
+    folder = root / str(tenant_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    return file_id, folder / f".{file_id}.tmp"
+
+
 def create_file(
     *,
     session: Session,
     tenant_id: int,
+    file_id: str,
+    staged: Path,
     filename: str,
     purpose: str,
-    data: bytes,
+    size: int,
     num_examples: int,
-    root: Path,
 ) -> File:
-    """Store ``data`` (already validated) and add its row; the caller commits (or calls
-    ``remove_stored`` when the commit fails, so no orphan bytes remain)."""
-    file_id = new_id("file")
-    folder = root / str(tenant_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{file_id}.jsonl"
-    tmp = folder / f".{file_id}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic: readers never see a partial file
+    """Publish the staged bytes (already validated and fsynced) and add their row; the caller
+    commits (or calls ``remove_stored`` when the commit fails, so no orphan bytes remain)."""
+    path = staged.with_name(f"{file_id}.jsonl")
+    os.replace(staged, path)  # atomic: readers never see a partial file
     row = File(
         id=file_id,
         tenant_id=tenant_id,
         filename=filename,
         purpose=purpose,
-        bytes=len(data),
+        bytes=size,
         num_examples=num_examples,
         path=str(path.resolve()),
     )

@@ -59,6 +59,7 @@ def create_job(
     queue: str,
     artifacts_root: str,
     idempotency_key: str | None = None,
+    total_steps: int | None = None,
 ) -> tuple[Job, bool]:
     """Insert and commit a queued job. Returns (job, created); with an idempotency key already
     used for the same body, returns the existing job and created=False; a different body raises
@@ -81,6 +82,7 @@ def create_job(
         # enqueued_at is older than its requeue delay.
         enqueued_at=utcnow(),
         output_dir=f"{artifacts_root.rstrip('/')}/{job_id}",
+        total_steps=total_steps,
     )
     session.add(job)
     add_event(session=session, job_id=job_id, type="created", message=f"job created on queue {queue}")

@@ -200,6 +200,7 @@ class JobMetric(Base):
     rkl: Mapped[float | None] = mapped_column(Float, default=None)
     head_size: Mapped[float | None] = mapped_column(Float, default=None)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_at: Mapped[datetime | None] = mapped_column(default=None)  # when the step ended
 
 
 class JobEvaluation(Base):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath
+import os
+import shutil
+from pathlib import Path, PurePath
 from typing import Annotated
 
+import fastapi
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 
-from akl_core.data import validate_jsonl_bytes
+from akl_core.data import DataError
 from api.core import quotas
+from api.core.config import Settings
+from api.core.uploads import validate_staged
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
 from api.db.models import File
@@ -17,6 +22,7 @@ from api.schemas.common import Deleted, Page
 from api.schemas.files import FilePublic, FilePurpose
 
 router = APIRouter(prefix="/files", tags=["files"])
+COPY_CHUNK = 1024 * 1024
 
 
 @router.post(
@@ -28,38 +34,38 @@ def upload_file(
     tenant: CurrentTenant,
     session: SessionDep,
     settings: SettingsDep,
-    file: UploadFile,
+    file: Annotated[UploadFile | str, fastapi.File(description="the JSONL file, sent with a filename")],
     purpose: Annotated[FilePurpose, Form()],
 ) -> FilePublic:
     """Upload a JSONL file of examples (multipart: `file`, `purpose` = train or validation)."""
-    data = file.file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
-    if not data.strip():
-        raise HTTPException(400, "file is empty")
-    try:
-        quotas.check_stored_bytes(session=session, tenant_id=tenant.id, incoming=len(data), settings=settings)
-    except quotas.QuotaError as exc:
-        raise HTTPException(exc.status_code, exc.message) from None
-    try:
-        num_examples = validate_jsonl_bytes(data, settings.max_line_bytes, name="file")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"invalid JSONL: {exc}") from None
-    except RecursionError:  # json's decoder on a line nested thousands deep; a 500 otherwise
-        raise HTTPException(400, "invalid JSONL: a line is nested too deeply to be an example") from None
-    if num_examples < 1:
-        raise HTTPException(400, "file has no examples")
-    filename = PurePath((file.filename or "upload.jsonl").replace("\\", "/")).name[:255] or "upload.jsonl"
+    if isinstance(file, str):  # a part without a filename arrives as a plain form field
+        raise HTTPException(
+            422,
+            'file: send it as a file part with a filename (Content-Disposition: form-data; name="file"; '
+            'filename="train.jsonl"); this part had no filename',
+        )
+    # A plain `def`: FastAPI runs it in a worker thread; the multipart parser has already spooled
+    # the upload to a temporary file, and the parsing happens in a pool process (api/core/uploads.py).
     assert settings.files_root is not None
-    row = files_crud.create_file(
-        session=session,
-        tenant_id=tenant.id,
-        filename=filename,
-        purpose=purpose,
-        data=data,
-        num_examples=num_examples,
-        root=settings.files_root,
-    )
+    file_id, staged = files_crud.staging_path(root=settings.files_root, tenant_id=tenant.id)
+    try:
+        num_examples, size = _stage(file, staged, settings)
+        try:
+            quotas.check_stored_bytes(session=session, tenant_id=tenant.id, incoming=size, settings=settings)
+        except quotas.QuotaError as exc:
+            raise HTTPException(exc.status_code, exc.message) from None
+        row = files_crud.create_file(
+            session=session,
+            tenant_id=tenant.id,
+            file_id=file_id,
+            staged=staged,
+            filename=_base_name(file.filename),
+            purpose=purpose,
+            size=size,
+            num_examples=num_examples,
+        )
+    finally:
+        staged.unlink(missing_ok=True)  # refused, or renamed already
     try:
         session.commit()
     except Exception:
@@ -67,6 +73,31 @@ def upload_file(
         files_crud.remove_stored(row)
         raise
     return FilePublic.from_row(row)
+
+
+def _stage(file: UploadFile, staged: Path, settings: Settings) -> tuple[int, int]:
+    """Copy the upload to ``staged`` and validate it line by line in a pool process."""
+    file.file.seek(0, os.SEEK_END)
+    size = file.file.tell()
+    if size > settings.max_upload_bytes:
+        raise HTTPException(413, f"file larger than {settings.max_upload_bytes} bytes")
+    if size == 0:
+        raise HTTPException(400, "file is empty")
+    file.file.seek(0)
+    with open(staged, "wb") as out:
+        shutil.copyfileobj(file.file, out, COPY_CHUNK)
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        return validate_staged(staged, max_line_bytes=settings.max_line_bytes)
+    except DataError as exc:
+        detail = "file is empty (no examples)" if str(exc).endswith("(the file is empty)") else str(exc)
+        raise HTTPException(400, f"invalid JSONL: {detail}") from None
+
+
+def _base_name(filename: str | None) -> str:
+    """The client's name without folders (never a storage path: ids name the stored bytes)."""
+    return PurePath((filename or "upload.jsonl").replace("\\", "/")).name[:255] or "upload.jsonl"
 
 
 @router.get("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -17,7 +18,9 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
     """The process is up."""
-    return {"status": "ok"}
+    # `akl serve` tells the API it started from one left over on the same port (akl_cli/serve.py).
+    instance = os.environ.get("AKL_SERVE_INSTANCE")
+    return {"status": "ok", "instance": instance} if instance else {"status": "ok"}
 
 
 def _check_database(url: str) -> str | None:

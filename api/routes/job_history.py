@@ -12,12 +12,12 @@ from api.crud import history as history_crud
 from api.db.models import METRIC_FIELDS
 from api.deps import CurrentTenant, SessionDep
 from api.routes.jobs import get_job_or_404
-from api.schemas.common import Page
+from api.schemas.common import Page, unix
 from api.schemas.history import EvaluationPublic, EventPublic, MetricsPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-CSV_FIELDS = ("step", "trained_tokens", *METRIC_FIELDS)
+CSV_FIELDS = ("step", "trained_tokens", *METRIC_FIELDS, "created_at")  # created_at: unix seconds
 
 
 @router.get("/{job_id}/events")
@@ -57,7 +57,10 @@ def get_metrics(
     picked, total = history_crud.list_metrics(
         session=session, job_id=job_id, from_step=from_step, to_step=to_step, max_points=max_points
     )
-    points = [{name: getattr(row, name) for name in CSV_FIELDS} for row in picked]
+    points = [
+        {**{name: getattr(row, name) for name in CSV_FIELDS}, "created_at": unix(row.created_at)}
+        for row in picked
+    ]
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
         buffer = io.StringIO()

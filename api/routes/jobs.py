@@ -8,6 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Re
 
 from api.core import quotas
 from api.core.job_refs import RefError, resolve_spec
+from api.core.progress import planned_steps
 from api.crud import jobs as jobs_crud
 from api.db.models import Job
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep
@@ -83,6 +84,7 @@ def create_job(
             queue=queue,
             artifacts_root=str(settings.artifacts_root.resolve()),
             idempotency_key=idempotency_key,
+            total_steps=planned_steps(spec, session=session, tenant_id=tenant.id),
         )
     except jobs_crud.IdempotencyConflict as exc:
         raise _conflict(exc) from None

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from akl_core.spec import JobSpec
+from api.core.progress import eta_seconds
 from api.db.models import Job
 from api.schemas.common import unix
 
@@ -54,7 +55,10 @@ class JobPublic(BaseModel):
     queue: str
     progress: float
     current_step: int
-    total_steps: int | None
+    total_steps: int | None = Field(
+        description="planned at submission; the runner confirms it when it starts"
+    )
+    eta_seconds: int | None = Field(description="a running job's time left, from its recent seconds per step")
     trained_tokens: int
     metrics: dict[str, Any] | None = Field(description="the latest step's metrics")
     error: JobError | None
@@ -83,6 +87,7 @@ class JobPublic(BaseModel):
             progress=row.progress,
             current_step=row.current_step,
             total_steps=row.total_steps,
+            eta_seconds=eta_seconds(row),
             trained_tokens=row.trained_tokens,
             metrics=row.current_metrics,
             error=error,

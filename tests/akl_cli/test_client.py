@@ -92,3 +92,11 @@ def test_safe_extract_refuses_unsafe_members_before_writing_anything(tmp_path: P
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "evil").exists()
+
+
+def test_status_shows_the_eta_of_a_running_job():
+    from akl_cli.client import _describe
+
+    job = {"id": "job-1", "status": "running", "current_step": 3, "total_steps": 10, "eta_seconds": 3725}
+    assert _describe(job).splitlines()[0] == "job-1  running  step 3/10  eta 1h02m"
+    assert "eta" not in _describe({**job, "status": "succeeded", "eta_seconds": None})

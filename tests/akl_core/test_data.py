@@ -155,6 +155,38 @@ def test_errors_name_file_line_and_field(tmp_path: Path, payload: bytes, match: 
         data.read_examples(f)
     assert str(f) in str(err.value)
     assert err.value.code == "invalid_data"
+    with pytest.raises(DataError, match=match), open(f, "rb") as source:  # the upload path: the same words
+        data.validate_jsonl_stream(source, name=str(f))
+
+
+def test_stream_validation_copies_the_bytes_in_memory_bounded_by_a_line() -> None:
+    import io
+    import tracemalloc
+
+    line = b'{"prompt": "' + b"p" * 200 + b'", "response": "r"}\n'
+    payload = line * 50_000 + b"\n"  # ~11 MB
+    sink = io.BytesIO()
+    tracemalloc.start()
+    try:
+        counted = data.validate_jsonl_stream(io.BytesIO(payload), _Discard(sink), max_line_bytes=4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert counted == (50_000, len(payload)) and sink.getvalue() == payload[:4096]
+    assert peak < 1_000_000, peak  # parse_jsonl would hold every example (> 20 MB here)
+    with pytest.raises(DataError, match=r"line 3: line is longer than the limit of 100 bytes"):
+        data.validate_jsonl_stream(io.BytesIO(GOOD * 2 + b"x" * 500), max_line_bytes=100)
+
+
+class _Discard:
+    """A sink that keeps only the first 4 KiB (the test measures the validator, not the copy)."""
+
+    def __init__(self, kept):
+        self.kept = kept
+
+    def write(self, chunk: bytes) -> None:
+        if self.kept.tell() < 4096:
+            self.kept.write(chunk[: 4096 - self.kept.tell()])
 
 
 def test_forced_format_rejects_other_lines(tmp_path: Path) -> None:

@@ -57,7 +57,8 @@ def test_two_processes_match_one(models_root, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert events[0]["type"] == "started" and events[0]["device"] == "cpu x2"
+    assert events[0]["type"] == "loading" and events[1]["type"] == "started"
+    assert events[1]["device"] == "cpu x2"
     assert events[-1]["type"] == "completed"
     # rank 0 alone writes: one copy of each event on stdout and in the file
     assert events == read_events(tmp_path / "two" / "events.jsonl")

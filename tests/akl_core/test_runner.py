@@ -52,7 +52,7 @@ def test_completed_run_prints_json_lines(models_root, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]  # every stdout line is an event
-    assert [e["type"] for e in events] == ["started", "log", "step", "step", "step", "completed"]
+    assert [e["type"] for e in events] == ["loading", "started", "log", "step", "step", "step", "completed"]
     assert events == [json.loads(line) for line in (tmp_path / "out/events.jsonl").read_text().splitlines()]
     assert (tmp_path / "out/final/model.safetensors").is_file()
 
@@ -150,3 +150,58 @@ def test_a_failure_without_an_error_event_gets_one(tmp_path, monkeypatch):
     assert [json.loads(line) for line in out.getvalue().splitlines()] == [
         {"type": "error", "code": "no_gpu", "message": "no CUDA here"}
     ]
+
+
+# A stand-in for the worker: starts the runner with a stdout pipe, prints its pid and a line per step.
+PARENT = """
+import subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+print(proc.pid, flush=True)
+for line in proc.stdout:
+    if '"type":"step"' in line:
+        print("step", flush=True)
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_runner_whose_worker_dies_checkpoints_the_step_it_reached_and_exits(models_root, tmp_path):
+    spec = write_spec(tmp_path / "spec.json", max_steps=10_000)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "akl_core.runner", str(spec), str(out)]
+    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "PYTHONUNBUFFERED": "1"}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, *argv], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "step"
+    parent.kill()  # SIGKILL: the worker cannot tell its runner anything
+    parent.wait()
+    deadline = time.monotonic() + 90
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the orphaned runner did not exit"
+        time.sleep(0.2)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    stopped = events[-1]
+    steps = [e["step"] for e in events if e["type"] == "step"]
+    assert stopped["type"] == "stopped" and stopped["step"] == steps[-1] >= 1, events[-3:]
+    assert (out / stopped["checkpoint"] / "state.json").is_file()
+    assert steps == list(range(1, stopped["step"] + 1))
+
+
+def test_the_output_lock_waits_for_an_earlier_run(tmp_path):
+    from akl_core.runner import lock_output_dir
+
+    held = lock_output_dir(tmp_path / "out")
+    assert held is not None
+    assert lock_output_dir(tmp_path / "out", timeout_s=0.3) is None  # an orphan still running
+    held.close()  # it exited
+    assert lock_output_dir(tmp_path / "out", timeout_s=0.3) is not None

@@ -19,6 +19,7 @@ from akl_core.spec import load_spec
 
 STEP_KEYS = [
     "type",
+    "time",
     "step",
     "total_steps",
     "epoch",
@@ -173,7 +174,7 @@ def test_resume_is_exact(models_root, tmp_path):
     assert first["status"] == "stopped" and first["step"] == 5
     assert e1[-1] == {"type": "stopped", "step": 5, "checkpoint": "checkpoints/step-00000005"}
     second, e2 = run(spec, tmp_path / "resumed", models_root)
-    assert e2[0]["type"] == "started" and e2[0]["resumed_from_step"] == 5
+    assert e2[1]["type"] == "started" and e2[1]["resumed_from_step"] == 5
     resumed = steps(e1) + steps(e2)
     assert [e["step"] for e in resumed] == list(range(1, 11))
     for key in ("loss", "ce", "kd", "lr", "grad_norm", "tokens", "trained_tokens", "w_head"):
@@ -208,7 +209,7 @@ def test_layout_events_and_rotation(models_root, tmp_path):
     out = tmp_path / "run"
     result, events = run(spec, out, models_root)
     types = [e["type"] for e in events]
-    assert types[0] == "started" and types[-1] == "completed"
+    assert types[:2] == ["loading", "started"] and types[-1] == "completed"
     assert types.count("step") == 6 and types.count("eval") == 2 and types.count("checkpoint") == 2
     for e in steps(events):
         assert list(e) == STEP_KEYS

@@ -90,6 +90,16 @@ def test_upload_needs_a_valid_purpose_and_a_file(client: TestClient, headers: di
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "file"]
 
 
+def test_a_file_part_without_a_filename_says_what_to_send(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    response = client.post(
+        "/v1/files", headers=headers, files={"file": ("", GOOD_JSONL)}, data={"purpose": "train"}
+    )
+    assert response.status_code == 422 and "filename" in response.json()["detail"]
+    assert "UploadFile" not in response.text and "Say hi" not in response.text  # no echo of the bytes
+
+
 def test_json_bodies_are_bounded(client: TestClient, headers: dict[str, str]) -> None:
     body = job_body(metadata={"k": "v" * 2_000_000})
     response = client.post("/v1/jobs", headers=headers, json=body)

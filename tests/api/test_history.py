@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
@@ -28,6 +29,7 @@ def _add_metrics(db: Session, job_id: str, steps: range) -> None:
                 lr=1e-4,
                 g_head=0.1 * step,
                 trained_tokens=7 * step,
+                created_at=datetime(2026, 11, 30, tzinfo=timezone.utc) + timedelta(seconds=step),
             )
         )
     db.commit()
@@ -66,6 +68,8 @@ def test_metrics_json_with_step_range_and_downsampling(
         and full["data"][1]["trained_tokens"] == 14
         and full["data"][1]["fkl"] is None
     )
+    start = int(datetime(2026, 11, 30, tzinfo=timezone.utc).timestamp())
+    assert [p["created_at"] - start for p in full["data"][:3]] == [1, 2, 3]  # each point's time
     assert {"loss", "lr", "tokens_per_s", "g_head", "g_tail", "w_head", "fkl", "rkl"} <= set(full["fields"])
     part = client.get(
         f"/v1/jobs/{job_id}/metrics", headers=headers, params={"from_step": 11, "to_step": 20}

@@ -5,6 +5,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -255,3 +256,45 @@ def test_replay_answers_even_after_the_file_is_gone(client: TestClient, headers:
     )
     fresh = client.post("/v1/jobs", headers=headers, json=job_body(data={"train": file_id}))
     assert fresh.status_code == 404  # without the key it is a new job, and the file is gone
+
+
+@pytest.mark.parametrize(
+    ("overrides", "steps"),
+    [
+        ({"training": {"max_steps": 7}}, 7),
+        ({"training": {"epochs": 2, "batch_size": 4, "grad_accum": 2}}, None),  # from the demo's size
+        (
+            {
+                "data": {"train": "demo:train", "max_train_examples": 10},
+                "training": {"epochs": 3, "batch_size": 4},
+            },
+            9,
+        ),
+        ({"training": {"batch_size": 2}, "resources": {"device": "cpu", "processes": 2}}, None),
+    ],
+)
+def test_total_steps_is_known_from_submission(
+    overrides: dict, steps: int | None, client: TestClient, headers: dict[str, str]
+) -> None:
+    from akl_core.data import read_examples
+
+    demo = len(read_examples("demo:train"))
+    expected = steps
+    if expected is None:
+        t, processes = overrides["training"], overrides.get("resources", {}).get("processes", 1)
+        global_batch = t["batch_size"] * t.get("grad_accum", 1) * processes
+        expected = t.get("epochs", 1) * -(-demo // global_batch)
+    job = client.post("/v1/jobs", headers=headers, json=job_body(**overrides)).json()
+    assert (job["total_steps"], job["current_step"], job["eta_seconds"]) == (expected, 0, None)
+
+
+def test_a_running_job_has_an_eta_from_its_pace(
+    client: TestClient, headers: dict[str, str], db: Session
+) -> None:
+    job_id = client.post("/v1/jobs", headers=headers, json=job_body(training={"max_steps": 100})).json()["id"]
+    db.execute(
+        update(Job).where(Job.id == job_id)
+        .values(status=RUNNING, current_step=40, current_metrics={"loss": 1.0, "seconds_per_step": 0.5})
+    )  # fmt: skip
+    db.commit()
+    assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["eta_seconds"] == 30  # 60 steps x 0.5 s

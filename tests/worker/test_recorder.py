@@ -111,3 +111,48 @@ def test_resume_backfills_history_the_previous_worker_never_recorded(sf, make_jo
         assert session.scalars(select(JobEvaluation.step).where(JobEvaluation.job_id == job_id)).all() == [10]
         paths = session.scalars(select(JobCheckpoint.path).where(JobCheckpoint.job_id == job_id)).all()
         assert paths == ["checkpoints/step-00000012"]
+
+
+def _events(sf, job_id) -> list[JobEvent]:
+    with sf() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def test_a_resumed_run_says_from_which_step_why_and_which_steps_are_trained_again(
+    sf, make_job, tmp_path: Path
+):
+    job_id = make_job()
+    assert leases.claim(sf, job_id, "first", lease_s=30)
+    first = EventRecorder(sf, job_id, "first", tmp_path, flush_interval_s=3600)
+    first.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
+    for step in range(1, 9):
+        first.add(_step(step))
+    first.flush()
+    assert leases.release(sf, job_id, "first", count_attempt=True)
+    with sf() as session, session.begin():
+        why = "back to the queue at step 8: the runner was killed (-9)"
+        session.add(JobEvent(job_id=job_id, type="released", message=why))
+    assert leases.claim(sf, job_id, "second", lease_s=30)
+    second = EventRecorder(sf, job_id, "second", tmp_path, flush_interval_s=3600)
+    second.add({"type": "started", "total_steps": 20, "resumed_from_step": 5})
+    (resumed,) = [e for e in _events(sf, job_id) if e.type == "resumed"]
+    assert resumed.message == (
+        "resumed from step 5: back to the queue at step 8: the runner was killed (-9); "
+        "steps 6..8 are trained again (no checkpoint after step 5)"
+    )
+    assert resumed.data == {"step": 5, "previous_step": 8, "reason": why}
+    assert [e.type for e in _events(sf, job_id)].count("resumed") == 1  # not on the first start
+
+
+def test_steps_carry_their_time_and_the_job_its_pace(sf, make_job, tmp_path: Path):
+    job_id = make_job()
+    assert leases.claim(sf, job_id, "me", lease_s=30)
+    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600)
+    rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
+    for step in range(1, 6):
+        rec.add({**_step(step), "time": 1_800_000_000.0 + 2.0 * step})  # one step every 2 s
+    rec.flush()
+    with sf() as session:
+        rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step))
+        assert [int(r.created_at.timestamp()) - 1_800_000_000 for r in rows] == [2, 4, 6, 8, 10]
+        assert session.get_one(Job, job_id).current_metrics["seconds_per_step"] == 2.0
