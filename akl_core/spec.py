@@ -6,7 +6,7 @@ Every field has a default and a bound; pydantic names the offending field in its
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -117,7 +117,11 @@ class TrainingSpec(_Strict):
 class EvaluationSpec(_Strict):
     every_steps: int = Field(0, ge=0, le=10_000_000, description="0: only at the end")
     num_examples: int = Field(32, ge=0, le=100_000, description="0 disables Rouge-L evaluation")
-    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50], min_length=1, max_length=16)
+    # 2**64 passed here and failed the job with internal_error after training, in
+    # torch.manual_seed (issue 10); 32 bits is what every common generator takes (numpy's too).
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        default_factory=lambda: [10, 20, 30, 40, 50], min_length=1, max_length=16
+    )
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 
 from akl_core.data import validate_jsonl_bytes
+from api.core.errors import error_responses
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
 from api.db.models import File
@@ -18,7 +19,7 @@ from api.schemas.files import FilePublic, FilePurpose
 router = APIRouter(prefix="/files", tags=["files"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=error_responses(413, 429))
 def upload_file(
     tenant: CurrentTenant,
     session: SessionDep,
@@ -88,13 +89,13 @@ def _get_or_404(session: SessionDep, tenant: CurrentTenant, file_id: str) -> Fil
     return row
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", responses=error_responses(404))
 def get_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> FilePublic:
     """Get one file."""
     return FilePublic.from_row(_get_or_404(session, tenant, file_id))
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", responses=error_responses(404, 409, s409="a queued or running job uses it"))
 def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> Deleted:
     """Delete a file (refused while a queued or running job uses it)."""
     row = _get_or_404(session, tenant, file_id)

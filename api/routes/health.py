@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from api.db.session import get_engine
@@ -42,7 +43,16 @@ def _check_broker(request: Request) -> str | None:
     return None
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: str = Field(description="ok, or unavailable")
+    checks: dict[str, str] = Field(description='{"database": "ok" or why not, "broker": ...}')
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "the database or the broker is unreachable"}},
+)
 def readyz(request: Request) -> JSONResponse:
     """The database and the broker are reachable (503 otherwise)."""
     problems = {
