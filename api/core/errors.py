@@ -56,6 +56,7 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS = {
     400: "malformed request: not valid UTF-8, an unknown cursor, an invalid upload",
     401: "no API key, or an unknown one",
+    403: "refused by this server's configuration (e.g. hub models disabled)",
     404: "no such resource for this tenant",
     409: "conflicts with the resource's state or an earlier request",
     413: "request body too large",

@@ -35,7 +35,7 @@ def _conflict(exc: jobs_crud.IdempotencyConflict) -> HTTPException:
     "",
     status_code=status.HTTP_201_CREATED,
     responses=error_responses(
-        404, 409, 413, 429, s404="a file or model it names", s409="Idempotency-Key reused"
+        403, 404, 409, 413, 429, s404="a file or model it names", s409="Idempotency-Key reused"
     ),
 )
 def create_job(

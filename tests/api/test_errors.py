@@ -124,7 +124,7 @@ ROUTE_ERRORS = {
     ("get", "/v1/files"): set(),
     ("get", "/v1/files/{file_id}"): {404},
     ("delete", "/v1/files/{file_id}"): {404, 409},
-    ("post", "/v1/jobs"): {404, 409, 413, 429},
+    ("post", "/v1/jobs"): {403, 404, 409, 413, 429},
     ("get", "/v1/jobs"): set(),
     ("get", "/v1/jobs/{job_id}"): {404},
     ("post", "/v1/jobs/{job_id}/cancel"): {404, 409},
