@@ -117,6 +117,7 @@ CLEARER_MESSAGES = {
     "Expected UploadFile": "the multipart part has no filename, so it arrived as a text field; "
     "send it as a file with a filename, e.g. curl -F file=@train.jsonl",
     "^[!-~]+$": "use visible ASCII characters only (no spaces), e.g. a UUID",
+    "integer, exceeded maximum size": "integer too long: send one within this parameter's bounds",
 }
 
 

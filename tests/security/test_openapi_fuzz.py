@@ -208,7 +208,8 @@ def _hostile_requests(draw, operation) -> dict:
     parameters.append(("query", "undeclared"))  # every route, /healthz too, reads its query string
     if operation.path == "/v1/files" and operation.method.upper() == "POST":
         parameters += [("form", "purpose"), ("form", "filename")]
-    if case.media_type == "application/json":  # the JSON body: schemathesis' valid one, or one the service accepts
+    if case.media_type == "application/json":
+        # the JSON body: schemathesis' valid one, or one the service accepts
         body = draw(st.sampled_from([case.body, GOOD_JOB])) if operation.path == "/v1/jobs" else case.body
         if isinstance(body, (dict, list)):
             parameters += [("body", at, body) for at in _leaves(body)]
