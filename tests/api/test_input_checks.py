@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from api.core.input_checks import json_body_problem
 from api.db.models import Job, JobEvent
 from tests.api.conftest import job_body, upload
 
@@ -262,3 +263,24 @@ def test_a_content_length_of_5000_digits_is_413(client: TestClient, headers: dic
         "/v1/jobs", headers={**headers, **JSON, "Content-Length": "9" * 5000}, content=b"{}"
     )
     assert response.status_code == 413, response.text
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        (r'["\u00e9\udc00"]', True),  # a low surrogate after another escape
+        (r'["\ud83d\ude00\udc00"]', True),  # a pair, then a lone low one
+        (r'{"\ud800": 1}', True),
+        (r'["\ud83d\ude00", "\u00e9"]', False),
+        (r'["\\ud800"]', False),  # an escaped backslash, then the letters "ud800"
+        ('["NaN", "Infinity", "12345678901234567890"]', False),  # text, not numbers
+        ("[-9223372036854775808, 9223372036854775807, 1e308, -0.0]", False),
+        ("[-9223372036854775809]", True),
+        ("[1.7976931348623159e308]", True),  # rounds to infinity
+        ("[" * 32 + "]" * 32, False),
+        ("[" * 33 + "]" * 33, True),
+        ('{"a": ' * 33 + "1" + "}" * 33, True),
+    ],
+)
+def test_json_body_checks_refuse_exactly_what_no_field_can_take(text: str, refused: bool) -> None:
+    assert (json_body_problem(text.encode()) is not None) is refused
