@@ -9,13 +9,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
+from api.core.errors import error_responses
 from api.db.session import get_engine
 from api.queue import broker_folders, is_filesystem_broker
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses(400))
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
@@ -51,7 +52,10 @@ class Readiness(BaseModel):
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "the database or the broker is unreachable"}},
+    responses={
+        **error_responses(400),
+        503: {"model": Readiness, "description": "the database or the broker is unreachable"},
+    },
 )
 def readyz(request: Request) -> JSONResponse:
     """The database and the broker are reachable (503 otherwise)."""

@@ -155,5 +155,7 @@ def test_every_route_lists_its_error_statuses_with_the_error_schema(settings: Se
             assert content["schema"] == {"$ref": error_ref}, (key, code)
     detail = schema["components"]["schemas"]["ErrorBody"]["properties"]["detail"]
     assert {"type": "string"} in detail["anyOf"]
+    for path in ("/healthz", "/readyz"):  # a query string that is not UTF-8
+        assert schema["paths"][path]["get"]["responses"]["400"]["content"]["application/json"]
     readyz = schema["paths"]["/readyz"]["get"]["responses"]["503"]
     assert readyz["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Readiness"}
