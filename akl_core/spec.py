@@ -7,7 +7,7 @@ Every field has a default and a bound; pydantic names the offending field in its
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,8 +57,14 @@ class StudentSpec(_Strict):
             raise ValueError("student.config_overrides has more than 64 entries")
         for key, value in self.config_overrides.items():
             if key in FORBIDDEN_OVERRIDES:
-                raise ValueError(f"student.config_overrides.{key} cannot be changed: the student shares the teacher's vocabulary and architecture")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not -MAX_OVERRIDE <= value <= MAX_OVERRIDE:
+                raise ValueError(
+                    f"student.config_overrides.{key} cannot be changed: the student shares the teacher's vocabulary and architecture"
+                )
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and not -MAX_OVERRIDE <= value <= MAX_OVERRIDE
+            ):
                 raise ValueError(f"student.config_overrides.{key} must lie within +-{MAX_OVERRIDE}")
         return self
 
@@ -118,7 +124,11 @@ class TrainingSpec(_Strict):
 class EvaluationSpec(_Strict):
     every_steps: int = Field(0, ge=0, le=10_000_000, description="0: only at the end")
     num_examples: int = Field(32, ge=0, le=100_000, description="0 disables Rouge-L evaluation")
-    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50], min_length=1, max_length=16)
+    # 2**64 passed here and failed the job with internal_error after training, in
+    # torch.manual_seed (issue 10); 32 bits is what every common generator takes (numpy's too).
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        default_factory=lambda: [10, 20, 30, 40, 50], min_length=1, max_length=16
+    )
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -166,7 +176,9 @@ def check_model_ref(ref: str, field: str) -> str:
     """Refuse references that could escape the models root ('..', absolute paths)."""
     body = ref.split(":", 1)[1] if ref.startswith(("preset:", "hf:")) else ref
     if ref.startswith("/") or any(part == ".." for part in body.split("/")):
-        raise ValueError(f"{field}: '..' and absolute paths are not allowed; name a directory under the models root")
+        raise ValueError(
+            f"{field}: '..' and absolute paths are not allowed; name a directory under the models root"
+        )
     return ref
 
 

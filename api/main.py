@@ -10,6 +10,7 @@ from fastapi import FastAPI
 import akl_core
 from api.core.config import Settings, get_settings
 from api.core.errors import install_error_handlers
+from api.core.input_checks import InputCheckMiddleware
 from api.core.limits import MULTIPART_OVERHEAD, BodyLimitMiddleware
 from api.queue import celery_client
 from api.routes import api_router, health
@@ -28,6 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = celery_client(settings)
     upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    # Added first, so it runs inside the body limit (the last middleware added runs first).
+    app.add_middleware(InputCheckMiddleware, max_json_bytes=JSON_BODY_LIMIT)
     app.add_middleware(
         BodyLimitMiddleware, limit_for=lambda path: upload_limit if path == "/v1/files" else JSON_BODY_LIMIT
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.core.errors import error_response
 
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -25,7 +26,8 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         detail = f"request body larger than {limit} bytes"
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
+            # len() first: int() of a header of thousands of digits raises (a 500 otherwise).
+            if name == b"content-length" and value.isdigit() and (len(value) > 18 or int(value) > limit):
                 await _send_413(send, detail)
                 return
         seen = 0
@@ -44,7 +46,6 @@ class BodyLimitMiddleware:
 
 
 async def _send_413(send: Send, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    response = error_response(413, detail)
+    await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 
 from api.core.archives import UnsafePath, safe_directory, stream_directory
+from api.core.errors import error_responses
 from api.crud import history as history_crud
 from api.db.models import Job, JobCheckpoint
 from api.deps import CurrentTenant, SessionDep
@@ -20,11 +21,12 @@ router = APIRouter(prefix="/jobs", tags=["checkpoints"])
 
 ArchiveFormat = Literal["tar.gz", "tar"]
 ARCHIVE_RESPONSES = {
-    200: {"content": {"application/gzip": {}, "application/x-tar": {}}, "description": "the archive"}
+    200: {"content": {"application/gzip": {}, "application/x-tar": {}}, "description": "the archive"},
+    **error_responses(404),
 }
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", responses=error_responses(404))
 def list_checkpoints(job_id: str, tenant: CurrentTenant, session: SessionDep) -> Page[CheckpointPublic]:
     """Saved checkpoints by step; the final model (`is_final`) last."""
     get_job_or_404(session, tenant, job_id)

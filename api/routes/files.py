@@ -13,6 +13,7 @@ from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 from akl_core.data import DataError
 from api.core import quotas
 from api.core.config import Settings
+from api.core.errors import error_responses
 from api.core.uploads import validate_staged
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
@@ -28,7 +29,7 @@ COPY_CHUNK = 1024 * 1024
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={429: {"description": "the tenant's stored files would pass AKL_MAX_STORED_BYTES"}},
+    responses=error_responses(413, 429, s429="the tenant's stored files would pass AKL_MAX_STORED_BYTES"),
 )
 def upload_file(
     tenant: CurrentTenant,
@@ -128,13 +129,13 @@ def _get_or_404(session: SessionDep, tenant: CurrentTenant, file_id: str) -> Fil
     return row
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", responses=error_responses(404))
 def get_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> FilePublic:
     """Get one file."""
     return FilePublic.from_row(_get_or_404(session, tenant, file_id))
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", responses=error_responses(404, 409, s409="a queued or running job uses it"))
 def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> Deleted:
     """Delete a file (refused while a queued or running job uses it)."""
     row = _get_or_404(session, tenant, file_id)

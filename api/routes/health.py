@@ -7,15 +7,17 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
+from api.core.errors import error_responses
 from api.db.session import get_engine
 from api.queue import broker_folders, is_filesystem_broker
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses(400))
 def healthz() -> dict[str, str]:
     """The process is up."""
     # `akl serve` tells the API it started from one left over on the same port (akl_cli/serve.py).
@@ -45,7 +47,19 @@ def _check_broker(request: Request) -> str | None:
     return None
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: str = Field(description="ok, or unavailable")
+    checks: dict[str, str] = Field(description='{"database": "ok" or why not, "broker": ...}')
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        **error_responses(400),
+        503: {"model": Readiness, "description": "the database or the broker is unreachable"},
+    },
+)
 def readyz(request: Request) -> JSONResponse:
     """The database and the broker are reachable (503 otherwise)."""
     problems = {

@@ -8,11 +8,12 @@ from typing import Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
+from api.core.errors import error_responses
 from api.crud import history as history_crud
 from api.db.models import METRIC_FIELDS
 from api.deps import CurrentTenant, SessionDep
 from api.routes.jobs import get_job_or_404
-from api.schemas.common import Page, unix
+from api.schemas.common import INT32_MAX, Page, unix
 from api.schemas.history import EvaluationPublic, EventPublic, MetricsPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -20,12 +21,14 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 CSV_FIELDS = ("step", "trained_tokens", *METRIC_FIELDS, "created_at")  # created_at: unix seconds
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", responses=error_responses(404))
 def list_events(
     job_id: str,
     tenant: CurrentTenant,
     session: SessionDep,
-    after: int | None = Query(None, ge=0, description="the last event id seen; newer events follow"),
+    after: int | None = Query(
+        None, ge=0, le=INT32_MAX, description="the last event id seen; newer events follow"
+    ),
     limit: int = Query(100, ge=1, le=1000),
 ) -> Page[EventPublic]:
     """Lifecycle and log events, oldest first (poll with `after` = the last id seen)."""
@@ -38,15 +41,18 @@ def list_events(
 @router.get(
     "/{job_id}/metrics",
     response_model=MetricsPublic,
-    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"},
+        **error_responses(404),
+    },
 )
 def get_metrics(
     job_id: str,
     tenant: CurrentTenant,
     session: SessionDep,
     request: Request,
-    from_step: int | None = Query(None, ge=0),
-    to_step: int | None = Query(None, ge=0),
+    from_step: int | None = Query(None, ge=0, le=INT32_MAX),
+    to_step: int | None = Query(None, ge=0, le=INT32_MAX),
     max_points: int = Query(10_000, ge=1, le=100_000, description="down-sample at an even stride"),
     format: Literal["json", "csv"] | None = Query(
         None, description="default: JSON (or CSV for Accept: text/csv)"
@@ -72,7 +78,7 @@ def get_metrics(
     return MetricsPublic(job_id=job_id, fields=list(CSV_FIELDS), total_points=total, data=points)
 
 
-@router.get("/{job_id}/evaluations")
+@router.get("/{job_id}/evaluations", responses=error_responses(404))
 def list_evaluations(job_id: str, tenant: CurrentTenant, session: SessionDep) -> Page[EvaluationPublic]:
     """Evaluation results (Rouge-L, distinct-n, validation loss) by step."""
     get_job_or_404(session, tenant, job_id)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Response, status
 
 from api.core import quotas
+from api.core.errors import error_responses
 from api.core.job_refs import RefError, resolve_spec
 from api.core.progress import planned_steps
 from api.crud import jobs as jobs_crud
@@ -35,10 +36,16 @@ def _conflict(exc: jobs_crud.IdempotencyConflict) -> HTTPException:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={
-        409: {"description": "Idempotency-Key reused"},
-        429: {"description": "the tenant's queued plus running jobs are at AKL_MAX_ACTIVE_JOBS"},
-    },
+    responses=error_responses(
+        403,
+        404,
+        409,
+        413,
+        429,
+        s404="a file or model it names",
+        s409="Idempotency-Key reused",
+        s429="the tenant's queued plus running jobs are at AKL_MAX_ACTIVE_JOBS",
+    ),
 )
 def create_job(
     body: JobCreate,
@@ -48,7 +55,7 @@ def create_job(
     celery: CeleryDep,
     background: BackgroundTasks,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255, pattern=r"^[!-~]+$")] = None,
 ) -> JobPublic:
     """Submit a distillation job; the same Idempotency-Key never creates a second job."""
     spec = body.spec()
@@ -120,13 +127,13 @@ def list_jobs(
     return Page[JobPublic].of(page, has_more or len(page) < len(data))
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=error_responses(404))
 def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     """Get a job: status, times, progress, current metrics, error."""
     return JobPublic.from_row(get_job_or_404(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", responses={409: {"description": "the job already finished"}})
+@router.post("/{job_id}/cancel", responses=error_responses(404, 409, s409="the job already finished"))
 def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     """Cancel a job: a queued job at once, a running one at its next step."""
     job = get_job_or_404(session, tenant, job_id)

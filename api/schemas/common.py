@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
+
+from api.core.unicode import replace_surrogates
 
 T = TypeVar("T")
 
+# The largest event id or step a query may name: they are INTEGER columns (api/db/models.py), 32-bit
+# in PostgreSQL; a larger integer raised in the driver (a 500) before it was bounded here.
+INT32_MAX = 2**31 - 1
 
-class Page(BaseModel, Generic[T]):
+
+class PublicModel(BaseModel):
+    """Base of the response bodies: text read back from the database is valid Unicode.
+
+    Rows stored before input checks existed (api/core/input_checks.py) may hold lone surrogates;
+    no JSON encoder takes them, so each page showing such a row was a 500.
+    """
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return replace_surrogates(value)
+
+
+class Page(PublicModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]
     has_more: bool = False
@@ -26,7 +45,7 @@ class Page(BaseModel, Generic[T]):
         )
 
 
-class Deleted(BaseModel):
+class Deleted(PublicModel):
     id: str
     object: str
     deleted: bool = True

@@ -2,15 +2,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
-
 from api.db.models import File
-from api.schemas.common import unix
+from api.schemas.common import PublicModel, unix
 
 FilePurpose = Literal["train", "validation"]
 
 
-class FilePublic(BaseModel):
+class FilePublic(PublicModel):
     object: Literal["file"] = "file"
     id: str
     filename: str

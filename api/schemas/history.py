@@ -7,10 +7,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from api.db.models import JobCheckpoint, JobEvaluation, JobEvent
-from api.schemas.common import unix
+from api.schemas.common import PublicModel, unix
 
 
-class EventPublic(BaseModel):
+class EventPublic(PublicModel):
     object: Literal["distillation.job.event"] = "distillation.job.event"
     id: int
     created_at: int
@@ -32,6 +32,9 @@ class EventPublic(BaseModel):
 
 
 class MetricsPublic(BaseModel):
+    """Numbers only (its job id comes from the path): not a PublicModel, whose walk over up to
+    100 000 points would cost more than the query."""
+
     object: Literal["distillation.job.metrics"] = "distillation.job.metrics"
     job_id: str
     fields: list[str]
@@ -39,7 +42,7 @@ class MetricsPublic(BaseModel):
     data: list[dict[str, float | int | None]]
 
 
-class EvaluationPublic(BaseModel):
+class EvaluationPublic(PublicModel):
     object: Literal["distillation.job.evaluation"] = "distillation.job.evaluation"
     step: int
     created_at: int
@@ -50,7 +53,7 @@ class EvaluationPublic(BaseModel):
         return cls(step=row.step, created_at=unix(row.created_at) or 0, metrics=row.metrics)
 
 
-class CheckpointPublic(BaseModel):
+class CheckpointPublic(PublicModel):
     object: Literal["distillation.job.checkpoint"] = "distillation.job.checkpoint"
     id: str
     job_id: str

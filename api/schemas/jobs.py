@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from akl_core.spec import JobSpec
 from api.core.progress import eta_seconds
 from api.db.models import Job
-from api.schemas.common import unix
+from api.schemas.common import PublicModel, unix
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -35,12 +35,12 @@ class JobCreate(JobSpec):
         return JobSpec.model_validate(self.model_dump(exclude={"metadata"}))
 
 
-class JobError(BaseModel):
+class JobError(PublicModel):
     code: str
     message: str
 
 
-class JobPublic(BaseModel):
+class JobPublic(PublicModel):
     object: Literal["distillation.job"] = "distillation.job"
     id: str
     status: JobStatus
