@@ -134,6 +134,7 @@ ROUTE_ERRORS = {
     ("get", "/v1/jobs/{job_id}/checkpoints"): {404},
     ("get", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"): {404},
     ("get", "/v1/jobs/{job_id}/model"): {404},
+    ("get", "/v1/spec/schema"): set(),
 }
 
 
