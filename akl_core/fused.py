@@ -141,6 +141,10 @@ def compute_fused(
     tb = None if teacher_bias is None else teacher_bias.detach()
     labels = labels.reshape(-1)
     sb = student_bias
+    from akl_core.kernels import dispatch  # the Triton kernel on CUDA (akl_core/kernels/)
+
+    if dispatch.wanted(name, sh, student_weight, th, tw):
+        return dispatch.compute_fused(name, sh, student_weight, sb, th, tw, tb, labels, opts)
     wants_grad = sh.requires_grad or student_weight.requires_grad or (sb is not None and sb.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
         extras: dict = {}
