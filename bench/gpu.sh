@@ -25,15 +25,21 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RES=bench/results
 mkdir -p "$RES"
 SUMMARY="$RES/gpu-$STAMP.json"
-STAGES="$RES/gpu-$STAMP-stages.txt"
+WORK=$(mktemp -d)  # the stage log and the tests' junit XML
+STAGES="$WORK/stages.txt"
+JUNIT="$WORK/tests.xml"
 : >"$STAGES"
 T_START=$(date +%s)
+if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to a machine without a registry (README)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl &&
+        export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
 
 summarize() {
-    "$PY" - "$SUMMARY" "$STAGES" "$RES" "$STAMP" "$DRY" <<'EOF'
+    "$PY" - "$SUMMARY" "$STAGES" "$RES" "$STAMP" "$DRY" "$JUNIT" <<'EOF'
 import json, platform, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-summary, stages, res, stamp, dry = sys.argv[1:]
+summary, stages, res, stamp, dry, junit = sys.argv[1:]
 out = {"stamp": stamp, "cpu_dry_run": dry == "1", "stages": {}}
 for line in Path(stages).read_text().splitlines():
     name, rc, secs = line.split()
@@ -46,7 +52,7 @@ try:
     out["triton"] = triton.__version__
 except Exception as exc:
     out["env_error"] = str(exc)
-junit = Path(res) / f"gpu-{stamp}-tests.xml"
+junit = Path(junit)
 if junit.is_file():
     cases = ET.parse(junit).getroot().iter("testcase")
     tests = {"passed": [], "failed": [], "skipped": []}
@@ -82,7 +88,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 if [ "$DRY" = 1 ]; then
     export AKL_TRITON=1 TRITON_INTERPRET=1  # the kernel on CPU tensors, interpreted
     stage tests 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/akl_core/test_gpu.py \
-        --junitxml="$RES/gpu-$STAMP-tests.xml"
+        --junitxml="$JUNIT"
     stage divergences 300 "$PY" bench/gpu_divergences.py --small --device cpu \
         --json "$RES/gpu-$STAMP-divergences.json"
     unset AKL_TRITON TRITON_INTERPRET
@@ -90,7 +96,7 @@ if [ "$DRY" = 1 ]; then
         --seq-len 64 --steps 1 --warmup 1 --repeats 1 --device cpu --json "$RES/gpu-$STAMP-train-step.json"
 else
     stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/akl_core/test_gpu.py \
-        --timeout 120 --junitxml="$RES/gpu-$STAMP-tests.xml"
+        --timeout 120 --junitxml="$JUNIT"
     stage divergences 200 "$PY" bench/gpu_divergences.py --json "$RES/gpu-$STAMP-divergences.json"
     MODELS=$(mktemp -d)
     stage train-step 120 bash -c "'$PY' bench/random_teacher.py '$MODELS' smollm2-135m-shape >/dev/null 2>&1 &&

@@ -39,7 +39,7 @@ _BIG = tl.constexpr(9223372036854775807)
 def _key(z):
     """Integer keys with the order of the fp32 values z (negative floats flip their low bits)."""
     b = z.to(tl.int32, bitcast=True)
-    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _normaliser(ptr, V, temp, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
     acc = tl.full((), 0.0, tl.float32)
-    kmin = tl.full((), _INT32_MAX, tl.int64)
+    kmin = tl.full((), _INT32_MAX, tl.int32)
     for start in range(0, V, BLOCK):
         cols = start + offs
         ok = cols < V
@@ -64,7 +64,7 @@ def _normaliser(ptr, V, temp, BLOCK: tl.constexpr):
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), 0)
         m = m_new
         kmin = tl.minimum(kmin, tl.min(tl.where(ok, _key(z), _INT32_MAX), 0))
-    return m + tl.log(acc), m, kmin
+    return m + tl.log(acc), m, kmin.to(tl.int64)
 
 
 @triton.jit
@@ -83,11 +83,15 @@ def _search(t_row, V, temp, lse_t, kmax, kmin, skip, mu, BLOCK: tl.constexpr, NT
     done = skip.to(tl.int32)
     passes = 0
     while (done == 0) & (passes < MAX_PASSES):
-        thr = lo + ((hi - lo) * steps) // (NT + 1)  # (NT,) in (lo, hi]
+        # (NT,) in (lo, hi]; int64 arithmetic, int32 compares (keys of finite / inf z fit)
+        thr = lo + ((hi - lo) * steps) // (NT + 1)
+        thr32 = tl.minimum(thr, _INT32_MAX).to(tl.int32)
+        lo32 = lo.to(tl.int32)
+        hi32 = tl.minimum(hi, _INT32_MAX).to(tl.int32)
         mass = tl.zeros((NT,), tl.float32)
-        k_lo = tl.full((), _BIG, tl.int64)
-        k_hi = tl.full((), -_BIG, tl.int64)
-        n_in = tl.full((), 0, tl.int64)
+        k_lo = tl.full((), _INT32_MAX, tl.int32)
+        k_hi = tl.full((), -_INT32_MAX, tl.int32)
+        n_in = tl.full((), 0, tl.int32)
         p_in = tl.full((), 0.0, tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + offs
@@ -95,12 +99,14 @@ def _search(t_row, V, temp, lse_t, kmax, kmin, skip, mu, BLOCK: tl.constexpr, NT
             z = _tile(t_row, cols, ok, temp)
             key = _key(z)
             p = tl.where(ok, tl.exp(z - lse_t), 0.0)
-            mass += tl.sum(tl.where(key[:, None] >= thr[None, :], p[:, None], 0.0), 0)
-            inside = ok & (key >= lo) & (key < hi)
-            k_lo = tl.minimum(k_lo, tl.min(tl.where(inside, key, _BIG), 0))
-            k_hi = tl.maximum(k_hi, tl.max(tl.where(inside, key, -_BIG), 0))
-            n_in += tl.sum(inside.to(tl.int64), 0)
+            mass += tl.sum(tl.where(key[:, None] >= thr32[None, :], p[:, None], 0.0), 0)
+            inside = ok & (key >= lo32) & (key < hi32)
+            k_lo = tl.minimum(k_lo, tl.min(tl.where(inside, key, _INT32_MAX), 0))
+            k_hi = tl.maximum(k_hi, tl.max(tl.where(inside, key, -_INT32_MAX), 0))
+            n_in += tl.sum(inside.to(tl.int32), 0)
             p_in = tl.maximum(p_in, tl.max(tl.where(inside, p, 0.0), 0))
+        k_lo = k_lo.to(tl.int64)
+        k_hi = k_hi.to(tl.int64)
         one = k_lo == k_hi
         above = mass > mu
         new_lo = tl.maximum(tl.max(tl.where(above, thr, lo), 0), k_lo)
@@ -112,7 +118,7 @@ def _search(t_row, V, temp, lse_t, kmax, kmin, skip, mu, BLOCK: tl.constexpr, NT
         lo = tl.where(one, k_lo, new_lo)
         hi = tl.where(one, k_lo + 1, new_hi)
         g_p = p_in
-        g_n = n_in
+        g_n = n_in.to(tl.int64)
         done = one.to(tl.int32)
         passes += 1
     return lo, m_hi, g_p, g_n
@@ -154,7 +160,7 @@ def _divergence_rows_kernel(
     lse_s, m_s, _ = _normaliser(s_row, V, temp, BLOCK)
 
     # 2. the head boundary: key b of the boundary group, M_hi = mass above it, its p and count
-    kmax = _key(m_t)
+    kmax = _key(m_t).to(tl.int64)
     p_max = tl.exp(m_t - lse_t)
     peaked = p_max > mu
     if HEAD:
@@ -175,8 +181,10 @@ def _divergence_rows_kernel(
     rkl = tl.full((), 0.0, tl.float32)
     gap = tl.full((), 0.0, tl.float32)
     g_head = tl.full((), 0.0, tl.float32)
-    size = tl.full((), 0, tl.int64)
-    seen = tl.full((), 0, tl.int64)  # group tokens before this tile
+    size = tl.full((), 0, tl.int32)
+    seen = tl.full((), 0, tl.int32)  # group tokens before this tile
+    b32 = tl.minimum(b, _INT32_MAX).to(tl.int32)
+    take32 = tl.minimum(take, _INT32_MAX).to(tl.int32)
     for start in range(0, V, BLOCK):
         cols = start + offs
         ok = cols < V
@@ -191,12 +199,12 @@ def _divergence_rows_kernel(
         gap += tl.sum(e, 0)
         if HEAD:
             key = _key(z_t)  # the search's keys: from z_t itself, not lp + lse_t
-            group = ok & (key == b)
-            rank = seen + tl.cumsum(group.to(tl.int64), 0)
-            head = ok & ((key > b) | (group & (rank <= take)))
+            group = ok & (key == b32)
+            rank = seen + tl.cumsum(group.to(tl.int32), 0)
+            head = ok & ((key > b32) | (group & (rank <= take32)))
             g_head += tl.sum(tl.where(head, e, 0.0), 0)
-            size += tl.sum(head.to(tl.int64), 0)
-            seen += tl.sum(group.to(tl.int64), 0)
+            size += tl.sum(head.to(tl.int32), 0)
+            seen += tl.sum(group.to(tl.int32), 0)
     g_tail = tl.maximum(gap - g_head, 0.0)
     w_head = tl.where(gap > 0, g_head / tl.maximum(gap, 1e-38), 0.5)
     if KIND == 0:
