@@ -28,6 +28,7 @@ from akl_core.divergences import (
     finish,
     scaled_once,
 )
+from akl_core.fused import softcap_, softcap_grad_
 
 SUPPORTED = ("fkl", "rkl", "fkl_rkl", "akl", "akl_r")
 _OWN_STATS = {"fkl": ("fkl",), "rkl": ("rkl",), "fkl_rkl": ("fkl", "rkl")}
@@ -112,11 +113,12 @@ def compute(name: str, s: Tensor, t: Tensor, labels: Tensor, opts: DivergenceOpt
 # -- the fused lm_head path ----------------------------------------------------------------------
 
 
-def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts: DivergenceOptions, need):
+def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts: DivergenceOptions, need, caps):
     """``akl_core.fused._fused_forward`` with the kernel, in the weights' dtype.
 
     Per chunk of valid tokens: both logits in the hidden states' dtype, the kernel writes the
-    gradient over the student logits (no third (R, V) buffer), then grad_h = g @ W and
+    gradient over the student logits (no third (R, V) buffer; with a student soft-cap its
+    own, since the chain rule needs the capped logits after the kernel), then grad_h = g @ W and
     grad_W += g.T @ h. grad_W accumulates in W's dtype, as Liger-Kernel's chunked losses do:
     an fp32 copy of a (V, H) weight would cost more memory than all the chunks together.
     """
@@ -133,11 +135,13 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts: DivergenceOptions
     rows = min(rows, max(sh.shape[0], 1))
     s_buf = torch.empty(rows, v, dtype=sh.dtype, device=sh.device)
     t_buf = torch.empty(rows, v, dtype=th.dtype, device=th.device)
+    g_buf = torch.empty_like(s_buf) if caps[0] is not None and need_grad else s_buf
     for sel in chunk_selectors(valid, rows):
         h_c = sh[sel]
         r = h_c.shape[0]
-        s_c = _logits(h_c, sw, sb, s_buf[:r])
-        t_c = _logits(th[sel], tw, tb, t_buf[:r])
+        s_c = softcap_(_logits(h_c, sw, sb, s_buf[:r]), caps[0])
+        t_c = softcap_(_logits(th[sel], tw, tb, t_buf[:r]), caps[1])
+        g = g_buf[:r]  # the gradient wrt these logits (s_c itself without a soft-cap)
         per_row = _kernel().divergence_rows(
             name,
             s_c,
@@ -145,12 +149,13 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts: DivergenceOptions
             mu=opts.mu,
             temperature=opts.temperature,
             head=_head(name, opts),
-            grad=s_c if need_grad else None,
+            grad=g if need_grad else None,
         )
         loss_sum += per_row[:, 0].sum()
         for k, val in _stats(name, opts, per_row).items():
             stats[k] = stats[k] + val if k in stats else val
-        g = s_c  # now the gradient wrt these logits
+        if need_grad:
+            softcap_grad_(g, s_c, caps[0])
         if need_h:
             gh = g.to(sw.dtype) @ sw
             if isinstance(sel, slice):
@@ -174,9 +179,9 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) ->
 
 class _TritonFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras):
+    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps):
         need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
-        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need)
+        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)
         grad_h, grad_w, grad_b = grads
         ctx.grad_h, ctx.grad_w = grad_h, grad_w
         ctx.grad_b = None if grad_b is None else grad_b.to(sb.dtype)
@@ -187,16 +192,16 @@ class _TritonFused(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-def compute_fused(name, sh, sw, sb, th, tw, tb, labels, opts: DivergenceOptions) -> DivergenceOutput:
+def compute_fused(name, sh, sw, sb, th, tw, tb, labels, opts: DivergenceOptions, caps=(None, None)):
     """``fused.compute_fused`` on (N, H) hidden states (checked, teacher detached) by the kernel."""
     wants_grad = sh.requires_grad or sw.requires_grad or (sb is not None and sb.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
         extras: dict = {}
-        loss_sum = _TritonFused.apply(sh, sw, sb, th, tw, tb, labels, name, opts, extras)
+        loss_sum = _TritonFused.apply(sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps)
         return finish(loss_sum, extras["num_tokens"], extras["stats"])
     with torch.no_grad():
-        loss_sum, n, stats, _ = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, (False,) * 3)
+        loss_sum, n, stats, _ = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, (False,) * 3, caps)
     return finish(loss_sum, n, stats)

@@ -138,6 +138,7 @@ def test_rows_subset_leaves_other_rows_untouched():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_matches_torch_path(monkeypatch, bias):
+    """Without, and with a bias and soft-capping (Phi, Gemma-2)."""
     g = torch.Generator().manual_seed(2)
     n, h, v = 9, 16, 75
     sh, th = torch.randn(n, h, generator=g), torch.randn(n, h + 4, generator=g)
@@ -159,6 +160,8 @@ def test_fused_matches_torch_path(monkeypatch, bias):
             teacher_bias=None if tb is None else tb.to(DEVICE),
             ignore_index=-1,
             chunk_size=4,
+            student_softcap=3.0 if bias else None,  # its own gradient buffer, the chain rule
+            teacher_softcap=4.0 if bias else None,
         )
         results.append((out, torch.autograd.grad(out.loss_sum, leaves)))
     (ours, grads), (ref, ref_grads) = results
