@@ -16,8 +16,8 @@ sort of tests/akl_core/test_divergences_reference.py). p is monotone in z_t, so 
 token whose z_t lies above a threshold, plus the first few (by index) of one group of tokens
 tied at the boundary value. The search keeps an interval [lo, hi) of order-preserving integer
 keys of z_t with M(lo) > mu >= M(hi), M(x) = the mass of the tokens whose key is >= x; each pass
-measures M at NT thresholds inside it and the smallest / largest key of the tokens inside it,
-and narrows to those. It stops when one distinct value is left (the boundary group). Rows whose
+measures M at NT thresholds (the first at geometric distances below the top logit, then evenly
+inside the interval) and the smallest / largest key of the tokens inside it, and narrows to those. It stops when one distinct value is left (the boundary group). Rows whose
 top-1 p exceeds mu (most rows of an LLM teacher) skip it: their head is their first top-1 token.
 """
 
@@ -68,13 +68,20 @@ def _normaliser(ptr, V, temp, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _search(t_row, V, temp, lse_t, kmax, kmin, skip, mu, BLOCK: tl.constexpr, NT: tl.constexpr, MAX_PASSES):
+def _search(
+    t_row, V, temp, lse_t, m_t, kmax, kmin, skip, mu, BLOCK: tl.constexpr, NT: tl.constexpr, MAX_PASSES
+):
     """The boundary group: (its key, M above it, its p, its count). See the module docstring.
 
     skip: the row is peaked (top-1 p > mu): no pass, the group is the top-1 value (lo = kmin).
+    The first pass measures M at m_t - 2**(j - 4) nats (j < NT): a trained teacher's head is a
+    few tokens within a few nats of its top, so one pass leaves an interval holding few tokens;
+    later passes split the interval evenly in key space. Any threshold is a valid measurement:
+    the interval takes the largest one with M > mu and the smallest with M <= mu.
     """
     offs = tl.arange(0, BLOCK)
     steps = tl.arange(0, NT).to(tl.int64) + 1
+    first = _key(m_t - tl.exp2(tl.arange(0, NT).to(tl.float32) - 4.0)).to(tl.int64)
     lo = kmin
     hi = kmax + 1
     m_hi = tl.full((), 0.0, tl.float32)
@@ -83,8 +90,9 @@ def _search(t_row, V, temp, lse_t, kmax, kmin, skip, mu, BLOCK: tl.constexpr, NT
     done = skip.to(tl.int32)
     passes = 0
     while (done == 0) & (passes < MAX_PASSES):
-        # (NT,) in (lo, hi]; int64 arithmetic, int32 compares (keys of finite / inf z fit)
-        thr = lo + ((hi - lo) * steps) // (NT + 1)
+        # (NT,) in (lo, hi] after the first pass; int64 arithmetic, int32 compares (keys of
+        # finite / inf z fit)
+        thr = tl.where(passes == 0, first, lo + ((hi - lo) * steps) // (NT + 1))
         thr32 = tl.minimum(thr, _INT32_MAX).to(tl.int32)
         lo32 = lo.to(tl.int32)
         hi32 = tl.minimum(hi, _INT32_MAX).to(tl.int32)
@@ -165,7 +173,7 @@ def _divergence_rows_kernel(
     peaked = p_max > mu
     if HEAD:
         b, m_hi, g_p, g_n = _search(
-            t_row, V, temp, lse_t, kmax, tl.where(peaked, kmax, kmin), peaked, mu, SBLOCK, NT, MAX_PASSES
+            t_row, V, temp, lse_t, m_t, kmax, tl.where(peaked, kmax, kmin), peaked, mu, SBLOCK, NT, MAX_PASSES
         )
         # the first `take` tokens of the group (by index) are head: M_hi + take * p <= mu;
         # the top-1 token always is
