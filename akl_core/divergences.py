@@ -736,6 +736,10 @@ def compute(
     opts = DivergenceOptions.build(options)
     s, t, labels = flatten(student_logits, teacher_logits, labels)
     t = t.detach()
+    from akl_core.kernels import dispatch  # the Triton kernel on CUDA (akl_core/kernels/)
+
+    if dispatch.wanted(name, s, t):
+        return dispatch.compute(name, s, t, labels, opts)
     if torch.is_grad_enabled() and s.requires_grad:
         extras: dict = {}
         loss_sum = _ChunkedDivergence.apply(s, t, labels, name, opts, extras)

@@ -38,8 +38,25 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) ->
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
-    """Loss sum, num_tokens, stats sums, and the grads (None where not needed)."""
+def softcap_(logits: Tensor, cap: float | None) -> Tensor:
+    """Gemma-2's final logit soft-capping, in place: cap * tanh(logits / cap); None: unchanged."""
+    if cap is None:
+        return logits
+    return logits.div_(cap).tanh_().mul_(cap)
+
+
+def softcap_grad_(grad: Tensor, capped: Tensor, cap: float | None) -> Tensor:
+    """grad wrt the capped logits -> grad wrt the raw ones, in place: times 1 - (capped / cap)**2."""
+    if cap is None:
+        return grad
+    return grad.mul_(1.0 - (capped.float() / cap).square_())
+
+
+def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None, None)):
+    """Loss sum, num_tokens, stats sums, and the grads (None where not needed).
+
+    caps: the student's and teacher's final logit soft-capping (Gemma-2), or None.
+    """
     need_h, need_w, need_b = need
     need_grad = any(need)
     valid = labels != opts.ignore_index
@@ -58,8 +75,8 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
     for sel in chunk_selectors(valid, rows):
         h_c = sh[sel]
         r = h_c.shape[0]
-        s_c = _logits(h_c, sw, sb, big.get("s_logits", r, sh.dtype))
-        t_c = _logits(th[sel], tw, tb, big.get("t_logits", r, th.dtype))
+        s_c = softcap_(_logits(h_c, sw, sb, big.get("s_logits", r, sh.dtype)), caps[0])
+        t_c = softcap_(_logits(th[sel], tw, tb, big.get("t_logits", r, th.dtype)), caps[1])
         g = big.get("grad", r) if need_grad else None  # (R, V) fp32
         for a in range(0, r, sub_rows):
             b = min(a + sub_rows, r)
@@ -68,6 +85,8 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
             loss_sum += loss.sum()
             for k, val in st.items():
                 stats[k] = stats[k] + val if k in stats else val
+        if need_grad:
+            softcap_grad_(g, s_c, caps[0])
         if need_h:
             gh = g @ w32  # (R, H)
             if isinstance(sel, slice):
@@ -83,9 +102,9 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need):
 
 class _FusedDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras):
+    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps):
         need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
-        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need)
+        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)
         grad_h, grad_w, grad_b = grads
         ctx.grad_h = grad_h
         ctx.grad_w = None if grad_w is None else grad_w.to(sw.dtype)
@@ -97,7 +116,7 @@ class _FusedDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def compute_fused(
@@ -110,12 +129,16 @@ def compute_fused(
     *,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     **options,
 ) -> DivergenceOutput:
     """``compute(name, h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, labels, **options)`` without the logits.
 
     student_hidden: (B, T, H) or (N, H); student_weight: (V, H); student_bias: (V,) or None.
     teacher_hidden: (B, T, H') or (N, H'); teacher_weight: (V, H'); teacher_bias: (V,) or None.
+    student_softcap, teacher_softcap: Gemma-2's final_logit_softcapping c (logits become
+        c * tanh(logits / c) after the head), or None.
     labels: (B, T) or (N,), aligned with the hidden states. Options as ``compute``.
     Gradients reach student_hidden, student_weight and student_bias; the teacher is constant.
     """
@@ -141,13 +164,23 @@ def compute_fused(
     tb = None if teacher_bias is None else teacher_bias.detach()
     labels = labels.reshape(-1)
     sb = student_bias
+    caps = (student_softcap, teacher_softcap)
+    for cap in caps:
+        if cap is not None and not cap > 0:
+            raise ValueError(f"soft-capping must be a number > 0 or None, got {cap}")
+    from akl_core.kernels import dispatch  # the Triton kernel on CUDA (akl_core/kernels/)
+
+    if dispatch.wanted(name, sh, student_weight, th, tw):
+        return dispatch.compute_fused(name, sh, student_weight, sb, th, tw, tb, labels, opts, caps)
     wants_grad = sh.requires_grad or student_weight.requires_grad or (sb is not None and sb.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
         extras: dict = {}
-        loss_sum = _FusedDivergence.apply(sh, student_weight, sb, th, tw, tb, labels, name, opts, extras)
+        loss_sum = _FusedDivergence.apply(
+            sh, student_weight, sb, th, tw, tb, labels, name, opts, extras, caps
+        )
         return finish(loss_sum, extras["num_tokens"], extras["stats"])
     with torch.no_grad():
         loss_sum, n, stats, _ = _fused_forward(
-            sh, student_weight, sb, th, tw, tb, labels, name, opts, (False, False, False)
+            sh, student_weight, sb, th, tw, tb, labels, name, opts, (False, False, False), caps
         )
     return finish(loss_sum, n, stats)

@@ -232,11 +232,24 @@ def micro_loss(
     n = int(targets.numel())
     if fused_fn is not None:
         # Full logits never exist: lm_head + divergence fused, CE in recomputed chunks.
-        s_head = _unwrap(student).lm.get_output_embeddings()
-        t_w = _unwrap(teacher).lm.get_output_embeddings().weight[:vocab]
-        ce_sum = _chunked_ce(s_out, s_head.weight, targets)
+        # the head as the model applies it: bias (Phi) and final soft-capping (Gemma-2) too
+        s_w, s_b, s_cap = _head_parts(student)
+        t_w, t_b, t_cap = _head_parts(teacher)
+        ce_sum = _chunked_ce(s_out, s_w, targets, s_b, s_cap)
         with torch.set_grad_enabled(loss.name != "sft" and torch.is_grad_enabled()):
-            out = fused_fn(kd_name, s_out, s_head.weight[:vocab], t_out, t_w, targets, **opts)
+            out = fused_fn(
+                kd_name,
+                s_out,
+                s_w[:vocab],
+                t_out,
+                t_w[:vocab],
+                targets,
+                student_bias=None if s_b is None else s_b[:vocab],
+                teacher_bias=None if t_b is None else t_b[:vocab],
+                student_softcap=s_cap,
+                teacher_softcap=t_cap,
+                **opts,
+            )
     else:
         ce_sum = F.cross_entropy(s_out.float(), targets, reduction="sum")
         # slice only a padded vocabulary: a no-op slice would still cost a copy downstream
@@ -252,18 +265,36 @@ def micro_loss(
     return ce_sum, kd_sum, stats_sum, n
 
 
-def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int = 1024):
+def _head_parts(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """(lm_head weight, its bias or None, final logit soft-cap or None) of a ResponseLogits."""
+    lm = _unwrap(wrapper).lm
+    head = lm.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None), getattr(lm.config, "final_logit_softcapping", None)
+
+
+def _chunked_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    rows: int = 1024,
+):
     """Sum of CE over (N, H) hidden states; each (rows, V) chunk of logits is recomputed in
-    backward (activation checkpointing) instead of kept, so memory stays one chunk."""
+    backward (activation checkpointing) instead of kept, so memory stays one chunk. The logits
+    are the model's own: + bias, then softcap * tanh(logits / softcap) when given (Gemma-2)."""
     from torch.utils.checkpoint import checkpoint
 
-    def ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy((h @ w.T).float(), y, reduction="sum")
+    def ce(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, w, b)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits.float(), y, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], rows):
         total = total + checkpoint(
-            ce, hidden[i : i + rows], weight, targets[i : i + rows], use_reentrant=False
+            ce, hidden[i : i + rows], weight, bias, targets[i : i + rows], use_reentrant=False
         )
     return total
 

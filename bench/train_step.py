@@ -155,6 +155,7 @@ def _trl(args) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         from datasets import Dataset
+        from datasets.table import InMemoryTable
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError as exc:
         return {"skipped": f"trl not importable: {exc}"}
@@ -177,9 +178,12 @@ def _trl(args) -> dict:
             save_strategy="no",
             logging_strategy="no",
         )
-        ds = Dataset.from_list(
-            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4
-        )
+        rows = [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+        ] * 4
+        # an explicit fingerprint: datasets' own hashes the table with dill, which failed on
+        # pyarrow 26 ("Can't pickle MonthDayNano"); the dataset is only a placeholder here
+        ds = Dataset(InMemoryTable.from_pylist(rows), fingerprint="akl-bench-gkd")
         gkd = GKDTrainer(
             model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok
         )

@@ -139,3 +139,90 @@ def test_second_backward_raises(fused):
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         out.loss.backward()
+
+
+# -- the head as the model applies it: bias (Phi) and final soft-capping (Gemma-2), issue 11 #9 ---
+
+
+@pytest.mark.parametrize("caps", [(30.0, None), (None, 5.0), (3.0, 4.0)])
+def test_softcap_matches_capped_logits(caps):
+    h, w, b, th, tw, tb, labels = _setup(seed=4)
+    s = h @ w.t() + b
+    t = th @ tw.t() + tb
+    s, t = (x if c is None else torch.tanh(x / c) * c for x, c in zip((s, t), caps, strict=True))
+    ref = compute("akl", s, t, labels, all_stats=True)
+    ref_grads = torch.autograd.grad(ref.loss, (h, w, b))
+    out = compute_fused(
+        "akl",
+        h,
+        w,
+        th,
+        tw,
+        labels,
+        student_bias=b,
+        teacher_bias=tb,
+        student_softcap=caps[0],
+        teacher_softcap=caps[1],
+        all_stats=True,
+        chunk_size=8,
+    )
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    for a, r in zip(torch.autograd.grad(out.loss, (h, w, b)), ref_grads, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+    assert out.stats == pytest.approx(ref.stats, rel=1e-4, abs=1e-6)
+
+
+def test_bad_softcap_raises():
+    h, w, b, th, tw, tb, labels = _setup()
+    with pytest.raises(ValueError, match="soft-capping"):
+        compute_fused("akl", h, w, th, tw, labels, student_softcap=0.0)
+
+
+def _tiny_lm(kind: str, seed: int):
+    """A 2-layer Phi (lm_head with a bias) or Gemma-2 (final logit soft-capping), vocabulary 97."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PhiConfig, PhiForCausalLM
+
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    if kind == "phi":
+        lm = PhiForCausalLM(PhiConfig(**common))
+        torch.nn.init.normal_(lm.lm_head.bias, std=2.0)  # a bias that matters
+    else:
+        config = Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0, tie_word_embeddings=False)
+        lm = Gemma2ForCausalLM(config)
+        torch.nn.init.normal_(lm.lm_head.weight, std=0.5)  # logits large enough to be capped
+    return lm.eval()
+
+
+@pytest.mark.parametrize("kind", ["phi", "gemma2"])
+def test_fused_training_loss_uses_bias_and_softcap(kind):
+    """trainer.micro_loss: the fused path gives the unfused (model's own) CE, KD and gradients."""
+    from akl_core import trainer
+    from akl_core.spec import load_spec
+
+    teacher, student = _tiny_lm(kind, 0), _tiny_lm(kind, 1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 97, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    spec = load_spec({"teacher": "preset:tiny", "data": {"train": "demo:train"}, "loss": {"name": "akl"}})
+    results = []
+    for fused in (False, True):
+        student.zero_grad(set_to_none=True)
+        s, t = trainer.ResponseLogits(student, fused), trainer.ResponseLogits(teacher, fused)
+        ce, kd, _, n = trainer.micro_loss(s, t, batch, spec, 97, "fp32", compute_fused if fused else None)
+        (ce + kd).backward()
+        results.append((ce.item(), kd.item(), {k: p.grad.clone() for k, p in student.named_parameters()}))
+    (ce0, kd0, g0), (ce1, kd1, g1) = results
+    assert ce1 == pytest.approx(ce0, rel=1e-5) and kd1 == pytest.approx(kd0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5)
