@@ -51,6 +51,8 @@ _BLOCK_STAGES_BEFORE_BUCKETS = 0
 _TOPK_LAST = 4096  # then the threshold stage (for V > this; see _head_from_threshold), then a full sort
 # the threshold stage's histogram of block maxima: buckets of z_max - b (nats), the last open
 _BUCKET_WIDTH, _NBUCKETS = 1.0 / 64, 1024
+# then a fine histogram of the tokens above that threshold (_head_of_candidates)
+_FINE_WIDTH, _NFINE = 1.0 / 256, 4096
 
 
 @dataclass(frozen=True)
@@ -381,20 +383,62 @@ def _head_from_threshold(
     keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
     loc = loc.index_select(0, keep // _BLOCK)
     flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
-    # into (r, k) rows padded with -inf, then the ordinary sorted-prefix rule
+    flat_p = rows.p.take(flat)
+    e = rows.q.take(flat).sub_(flat_p).abs_()  # |p - q|
+    return ok & _head_of_candidates(loc, z, flat_p.double(), e, bm.amax(-1), mu, g_head, size, todo)
+
+
+def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
+    """Head of rows given every token above a threshold whose mass exceeds mu, flat.
+
+    loc (M,): row (in todo) of each candidate, ascending; z, p (double), e = |p - q|: theirs.
+    The same as a sort of the candidates, without it: a fine histogram of z_max - z
+    (_FINE_WIDTH nats) gives each bucket's mass; the tokens of the buckets before the one where
+    the cumulative mass first exceeds mu are the head, and only that boundary bucket's few
+    tokens are sorted and cut by the cumulative rule. Returns the rows settled.
+    """
+    r, nf = todo.numel(), _NFINE
+    b = (z_max.index_select(0, loc) - z).mul_(1.0 / _FINE_WIDTH).clamp_(0, nf - 1).to(torch.long)
+    cum = torch.bincount(loc * nf + b, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
+    last = (cum <= mu).sum(-1, keepdim=True)  # (r, 1) the boundary bucket
+    ok = (last < nf).squeeze(1)
+    last = last.clamp_(max=nf - 1)
+    m0 = torch.where(last > 0, cum.gather(-1, (last - 1).clamp_(min=0)), 0.0).squeeze(1)
+    b_last = last.squeeze(1).index_select(0, loc)
+    before = (b < b_last).to(e.dtype)
+    n0 = torch.bincount(loc, weights=before, minlength=r)
+    g0 = torch.bincount(loc, weights=before.mul_(e), minlength=r)
+    # the boundary bucket's tokens, sorted per row ((r, k) padded with -inf)
+    at = (b == b_last).nonzero().squeeze(1)
+    loc, z, p, e = (x.index_select(0, at) for x in (loc, z, p, e))
     count = torch.bincount(loc, minlength=r)
-    k = max(int(count.max()) if r else 0, 1)
-    pos = torch.arange(loc.numel(), device=loc.device) - (count.cumsum(0) - count).index_select(0, loc)
-    at = loc * k + pos
-    z_c = torch.full((r * k,), -math.inf, device=z.device).index_copy_(0, at, z).view(r, k)
-    f_c = torch.zeros(r * k, dtype=flat.dtype, device=z.device).index_copy_(0, at, flat).view(r, k)
-    z_c, order = z_c.sort(-1, descending=True)
-    f_c = f_c.gather(-1, order)
-    pad = z_c == -math.inf
-    # the masses, accumulated in double like the full sort's reference
-    p_c = rows.p.take(f_c).masked_fill_(pad, 0.0).double()
-    q_c = rows.q.take(f_c).masked_fill_(pad, 0.0).double()
-    return ok & _head_of_sorted(p_c, q_c, mu, g_head, size, todo, ~pad)
+    k = max(int(count.max()) if loc.numel() else 0, 1)
+    pos = (
+        loc * k
+        + torch.arange(loc.numel(), device=loc.device)
+        - (count.cumsum(0) - count).index_select(0, loc)
+    )
+    z_s, order = (
+        torch.full((r * k,), -math.inf, device=z.device)
+        .index_copy_(0, pos, z)
+        .view(r, k)
+        .sort(-1, descending=True)
+    )
+    pad = z_s == -math.inf
+    p_s = (
+        torch.zeros(r * k, dtype=p.dtype, device=p.device).index_copy_(0, pos, p).view(r, k).gather(-1, order)
+    )
+    e_s = (
+        torch.zeros(r * k, dtype=e.dtype, device=e.device).index_copy_(0, pos, e).view(r, k).gather(-1, order)
+    )
+    c = p_s.cumsum(-1) + m0[:, None]
+    head = (c <= mu) & ~pad
+    head[:, 0] |= n0 == 0  # the top-1 token is always in the head
+    done = ok & ((c > mu) & ~pad).any(-1)
+    sel = todo[done]
+    g_head[sel] = (g0 + torch.where(head, e_s, 0.0).sum(-1))[done].to(g_head.dtype)
+    size[sel] = (n0 + head.sum(-1))[done].to(size.dtype)
+    return done
 
 
 def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int) -> Tensor:
