@@ -41,6 +41,9 @@ STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 # On CPU a chunk's few (rows, V) buffers then stay in the L2/L3 caches: 16 rows at V = 32000
 # ran FKL 1.3x faster than 64 rows (bench/divergences.py); smaller chunks pay more per-op overhead.
 _AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 23}
+# AKL's head search is a few dozen small ops per chunk, whatever its rows: on real logits
+# (N = 1450, V = 49152, T = 1) AKL / FKL was 2.0x with 10-row chunks, 1.3x with 21, 1.2x with 42
+_AUTO_CHUNK_ELEMENTS_HEAD = {"cpu": 1 << 21, "cuda": 1 << 23}
 # AKL's head candidates: the 8, then 64, blocks of _BLOCK tokens with the largest logits (head_gap).
 # Blocks of 8: their maxima are fine enough for the threshold stage (_head_from_threshold) to
 # reach mass mu on real rows at T = 2 (heads of ~1250 tokens); with blocks of 64 it rarely could.
@@ -611,11 +614,17 @@ _PER_TOKEN: dict[str, PerToken] = {
 # --------------------------------------------------------------------------------------------
 
 
-def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device) -> int:
+def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device, name: str | None = None) -> int:
+    """Tokens per chunk: opts.chunk_size, else about _AUTO_CHUNK_ELEMENTS logits (more with a head search)."""
     if opts.chunk_size is not None:
         return opts.chunk_size
-    elements = _AUTO_CHUNK_ELEMENTS.get(device.type, _AUTO_CHUNK_ELEMENTS["cuda"])
+    table = _AUTO_CHUNK_ELEMENTS_HEAD if _needs_head(name, opts) else _AUTO_CHUNK_ELEMENTS
+    elements = table.get(device.type, table["cuda"])
     return max(1, elements // max(vocab, 1))
+
+
+def _needs_head(name: str | None, opts: DivergenceOptions) -> bool:
+    return name in ("akl", "akl_r") or opts.all_stats
 
 
 def _tempered(x: Tensor, t: float, ws: Workspace, key: str) -> Tensor:
@@ -657,7 +666,7 @@ def divergence_chunk(
 
 
 def _per_token(name, z_s, z_t, opts, ws, out, safe: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    rows = _Rows(z_s, z_t, safe, ws, blocks=name in ("akl", "akl_r") or opts.all_stats)
+    rows = _Rows(z_s, z_t, safe, ws, blocks=_needs_head(name, opts))
     loss, stats = _PER_TOKEN[name](rows, opts, out)
     if opts.all_stats:
         stats = dict(stats)
@@ -712,7 +721,7 @@ def _forward(
     grad = None
     if need_grad:
         grad = torch.empty_like(s) if all_valid else torch.zeros_like(s)
-    rows = chunk_rows(opts, s.shape[-1], s.device)
+    rows = chunk_rows(opts, s.shape[-1], s.device, name)
     ws = Workspace(min(rows, s.shape[0]), s.shape[-1], s.device)
     loss_sum = s.new_zeros((), dtype=torch.float32)
     stats: dict[str, Tensor] = {}
