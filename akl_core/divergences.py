@@ -380,12 +380,18 @@ def _head_from_threshold(
     tau = bm.masked_fill(~inside, math.inf).amin(-1)  # (r,) L(tau) > mu
     # the candidates: the tokens with z >= tau of the blocks with b >= tau (flat, row by row)
     loc, blk = ((bm >= tau[:, None]) & ok[:, None]).nonzero().unbind(1)  # (Mb,) row in todo, block
-    cols = _block_cols(blk, v)  # (Mb, _BLOCK)
-    flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
-    z = rows.z_t.take(flat)
-    keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
-    loc = loc.index_select(0, keep // _BLOCK)
-    flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
+    if loc.numel() * _BLOCK * 4 > r * v:  # flat rows (T = 2): one compare over them is cheaper
+        z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
+        loc, col = ((z_r >= tau[:, None]) & ok[:, None]).nonzero().unbind(1)
+        flat = todo.index_select(0, loc) * v + col
+        z = z_r[loc, col]
+    else:
+        cols = _block_cols(blk, v)  # (Mb, _BLOCK)
+        flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
+        z = rows.z_t.take(flat)
+        keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
+        loc = loc.index_select(0, keep // _BLOCK)
+        flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
     flat_p = rows.p.take(flat)
     e = rows.q.take(flat).sub_(flat_p).abs_()  # |p - q|
     return ok & _head_of_candidates(loc, z, flat_p.double(), e, bm.amax(-1), mu, g_head, size, todo)

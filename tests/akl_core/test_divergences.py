@@ -226,13 +226,15 @@ def _head_by_sort(s: torch.Tensor, t: torch.Tensor, mu: float) -> tuple[torch.Te
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("mu", [0.5, 0.9])
-def test_threshold_stage_matches_full_sort_per_row(monkeypatch, temperature, mu):
-    # V > _TOPK_LAST with the default constants: flat rows of every size of head (1 to ~1000s)
-    # go to _head_from_threshold; every row's head must be the full sort's, exactly
+@pytest.mark.parametrize("spread", [(0.3, 6.0), (3.0, 9.0)])  # heads up to ~2000 / ~250 tokens
+def test_threshold_stage_matches_full_sort_per_row(monkeypatch, temperature, mu, spread):
+    # V > _TOPK_LAST with the default constants: flat rows of every size of head go to
+    # _head_from_threshold (its candidates from whole rows, or from the blocks when heads are
+    # small); every row's head must be the full sort's, exactly
     settled = _stage_log(monkeypatch)
     g = _gen(7)
     v = divergences._TOPK_LAST + 1003  # not a multiple of _BLOCK: a short last block
-    t = torch.randn(24, v, generator=g) * torch.linspace(0.3, 6.0, 24)[:, None]
+    t = torch.randn(24, v, generator=g) * torch.linspace(*spread, 24)[:, None]
     t[::5, 17] += 9.0  # a few peaked rows (top-1 shortcut)
     s = t + torch.randn(24, v, generator=g)
     opts = divergences.DivergenceOptions(temperature=temperature, mu=mu)
