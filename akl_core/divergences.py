@@ -354,8 +354,8 @@ def _head_of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact) -> Tensor:
 def _head_from_threshold(
     rows: _Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor, bmax: Tensor
 ) -> Tensor:
-    """Stage of head_gap for flat rows: a logit threshold from the block maxima, then a sort of
-    only the tokens above it.
+    """Stage of head_gap for flat rows: a logit threshold from the block maxima, then only the
+    tokens above it (``_head_of_candidates``).
 
     The same as the full sort, restricted to a prefix of it: every block maximum b is a distinct
     token with z >= b, so L(tau) = sum of exp(b - lse) over the blocks with b >= tau is at most
@@ -363,9 +363,9 @@ def _head_from_threshold(
     _BUCKET_WIDTH nats below the row's largest logit; the last, _NBUCKETS - 1, open) gives the
     first tau with L(tau) > mu; then the tokens with z >= tau, which lie in the blocks with
     b >= tau, are the top of the sorted row and hold the boundary (the first c_i > mu). Only
-    those few tokens are gathered and sorted (on real rows about 1.5x the head; one pass over
-    the row in all, the block maxima ``_Rows`` already built). Rows whose threshold falls in
-    the open bucket or whose sums round the other way are left undone (the full sort).
+    those tokens are gathered: from the blocks above tau, or by one compare over the rows when
+    most blocks qualify (flat rows, T = 2). Rows whose threshold falls in the open bucket or
+    whose sums round the other way are left undone (the full sort).
     Returns the rows settled (a mask over ``todo``).
     """
     r, nb, v = todo.numel(), _NBUCKETS, rows.z_t.shape[1]
