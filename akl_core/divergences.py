@@ -18,8 +18,9 @@ How it is computed (the same for every name):
 - The fast formulas skip the guards that -inf logits (masked vocabulary) need; a chunk whose
   result holds a NaN is recomputed with the guarded ones.
 - AKL's head needs no full-vocabulary sort: it is a prefix of the sorted p, found among the
-  tokens of the few vocabulary blocks with the largest logits (see ``head_gap``), with a logit
-  histogram (only its boundary bucket sorted) and then a full sort for the rows those do not settle.
+  tokens of the few vocabulary blocks with the largest logits (see ``head_gap``) or, for a large
+  vocabulary, among the tokens above a threshold found from the block maxima (only those sorted),
+  and then a full sort for the rows those do not settle.
 - Temperature: the loss is the divergence between the tempered distributions, without the
   T**2 factor of Hinton et al.; multiply by T**2 yourself to keep gradient scales across T.
 """
@@ -40,13 +41,21 @@ STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 # On CPU a chunk's few (rows, V) buffers then stay in the L2/L3 caches: 16 rows at V = 32000
 # ran FKL 1.3x faster than 64 rows (bench/divergences.py); smaller chunks pay more per-op overhead.
 _AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 23}
-# AKL's head candidates: the 8, then 64, blocks of 64 tokens with the largest logits (head_gap)
-_BLOCK, _BLOCKS = 64, (8, 64)
-# with the histogram after them (V > _TOPK_LAST) only the first block stage pays: the second
-# settled ~15% of the rows it was given and cost more than the histogram does for them
-_BLOCK_STAGES_BEFORE_BUCKETS = 1
-_TOPK_LAST = 4096  # then a logit histogram (for V > this; see _head_from_buckets), then a full sort
-_BUCKET_WIDTH, _NBUCKETS = 1.0 / 256, 4096  # the histogram: buckets of z_max - z (nats), the last open
+# AKL's head search is a few dozen small ops per chunk, whatever its rows: on real logits
+# (N = 1450, V = 49152, T = 1) AKL / FKL was 2.0x with 10-row chunks, 1.3x with 21, 1.2x with 42
+_AUTO_CHUNK_ELEMENTS_HEAD = {"cpu": 1 << 21, "cuda": 1 << 23}
+# AKL's head candidates: the 8, then 64, blocks of _BLOCK tokens with the largest logits (head_gap).
+# Blocks of 8: their maxima are fine enough for the threshold stage (_head_from_threshold) to
+# reach mass mu on real rows at T = 2 (heads of ~1250 tokens); with blocks of 64 it rarely could.
+_BLOCK, _BLOCKS = 8, (8, 64)
+# with the threshold stage after them (V > _TOPK_LAST) no block stage pays: on real logits the
+# threshold stage settles every row the 8-block stage would, for less (bench/divergences.py)
+_BLOCK_STAGES_BEFORE_BUCKETS = 0
+_TOPK_LAST = 4096  # then the threshold stage (for V > this; see _head_from_threshold), then a full sort
+# the threshold stage's histogram of block maxima: buckets of z_max - b (nats), the last open
+_BUCKET_WIDTH, _NBUCKETS = 1.0 / 64, 1024
+# then a fine histogram of the tokens above that threshold (_head_of_candidates)
+_FINE_WIDTH, _NFINE = 1.0 / 256, 4096
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,8 @@ class _Rows:
     in per row (sums of x * d for x in {p, q} are x . delta + c * sum(x)); d itself is built in
     place from delta only when a divergence needs it (``d``; 0 where both are -inf in safe
     mode). log p and log q are built only for the divergences that need them.
-    bmax: the teacher's block maxima (R, ceil(V / _BLOCK)) when asked for (AKL's head search).
+    bmax: the teacher's block maxima (R, ceil(V / _BLOCK)) when asked for (AKL's head search;
+    see ``_block_max``).
     """
 
     def __init__(self, z_s: Tensor, z_t: Tensor, safe: bool, ws: Workspace, blocks: bool = False):
@@ -227,13 +237,26 @@ class _Rows:
 
 
 def _block_max(z: Tensor) -> Tensor:
-    """Largest logit of each block of _BLOCK tokens (the last may be short): (R, nb)."""
-    v = z.shape[-1]
-    full = (v // _BLOCK) * _BLOCK
-    parts = [z[:, :full].unflatten(-1, (v // _BLOCK, _BLOCK)).amax(-1)] if full else []
-    if full < v:
-        parts.append(z[:, full:].amax(-1, keepdim=True))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    """Largest logit of each block: (R, nb), nb = ceil(V / _BLOCK).
+
+    Block j holds the tokens j, j + nb, ..., j + (_BLOCK - 1) nb (those below V): strided, so
+    the maximum runs over a leading dimension, which on CPU measured 10-25x faster than over 8
+    adjacent tokens (and as fast as one amax of the row).
+    """
+    r, v = z.shape
+    nb = -(-v // _BLOCK)
+    full = v // nb  # complete slabs of nb tokens
+    m = z[:, : full * nb].unflatten(1, (full, nb)).amax(1)
+    if full * nb < v:  # a short last slab
+        tail = z[:, full * nb :]
+        torch.maximum(m[:, : tail.shape[1]], tail, out=m[:, : tail.shape[1]])
+    return m
+
+
+def _block_cols(block: Tensor, v: int) -> Tensor:
+    """Columns of the tokens of ``block`` (any shape): (..., _BLOCK); those >= V are not tokens."""
+    nb = -(-v // _BLOCK)
+    return block[..., None] + nb * torch.arange(_BLOCK, device=block.device)
 
 
 def _softmax_grad(q: Tensor, g: Tensor, out: Tensor) -> None:
@@ -259,13 +282,13 @@ def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
 
     Head (AKL.md): sort p descending, cumulative c_i; token i is in the head when c_i <= mu;
     the top-1 token always is. The head is a prefix of the sorted p, so no full sort is needed:
-    split the vocabulary into blocks of _BLOCK tokens and take as candidates the blocks with the
+    split the vocabulary into blocks of _BLOCK tokens (``_block_max``) and take as candidates the blocks with the
     largest teacher logits. Every token above the largest logit of the other blocks is among
     them, so the sorted candidates above that bound are exactly the top of the full sort; a row
     is settled when its boundary (the first c_i > mu) lies in that exact prefix. Stages: rows
-    with top-1 p > mu (head = top-1), the top 64 tokens of 8 blocks, then (V <= _TOPK_LAST) the
-    top 512 of 64 blocks or (larger V) a logit histogram (``_head_from_buckets``) for the rows
-    left, then a full sort.
+    with top-1 p > mu (head = top-1); then (V <= _TOPK_LAST) the top 64 tokens of 8 blocks and
+    the top 512 of 64 blocks, or (larger V) the tokens above a threshold from the block maxima
+    (``_head_from_threshold``); then a full sort of the rows left.
     """
     n, v = rows.p.shape
     g_head = rows.p.new_zeros(n)
@@ -283,8 +306,8 @@ def head_gap(rows: _Rows, mu: float) -> tuple[Tensor, Tensor]:
             sub = todo.numel() < n
             done = _head_from_blocks(rows, mu, g_head, size, todo, bmax[todo] if sub else bmax, blocks, keep)
             todo = todo[~done]
-    if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: a logit histogram
-        done = _head_from_buckets(rows, mu, g_head, size, todo)
+    if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: the tokens above a threshold
+        done = _head_from_threshold(rows, mu, g_head, size, todo, bmax)
         todo = todo[~done]
     if todo.numel() > 0:  # full sort of what is left
         p_top, idx = rows.p[todo].sort(-1, descending=True)
@@ -303,8 +326,8 @@ def _head_of_one(rows: _Rows, mu: float, g_head: Tensor, size: Tensor, bmax: Ten
     if not bool(one.any()):
         return torch.arange(n, device=one.device)
     block = bmax.argmax(-1, keepdim=True)  # (R, 1)
-    # (R, _BLOCK); a short last block repeats its last column, which is in that block
-    cols = (block * _BLOCK + torch.arange(_BLOCK, device=block.device)).clamp_(max=rows.p.shape[1] - 1)
+    # (R, _BLOCK); a short block repeats column V - 1 (below the row's largest logit or it)
+    cols = _block_cols(block.squeeze(1), rows.p.shape[1]).clamp_(max=rows.p.shape[1] - 1)
     col = cols.gather(-1, rows.z_t.gather(-1, cols).argmax(-1, keepdim=True))  # (R, 1)
     gap = (rows.p.gather(-1, col) - rows.q.gather(-1, col)).abs_().squeeze(1)
     g_head.copy_(torch.where(one, gap, 0.0))
@@ -323,63 +346,107 @@ def _head_of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact) -> Tensor:
     done = torch.ones_like(head[:, 0]) if exact is None else (exact & (cum > mu)).any(-1)
     gap = torch.where(head, (p_top - q_top).abs(), 0.0).sum(-1)
     sel = rows_idx[done]
-    g_head[sel] = gap[done]
+    g_head[sel] = gap[done].to(g_head.dtype)
     size[sel] = head[done].sum(-1).to(size.dtype)
     return done
 
 
-def _head_from_buckets(rows: _Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor) -> Tensor:
-    """Stage of head_gap for flat rows: a histogram of z_max - z, no top-k over the row.
+def _head_from_threshold(
+    rows: _Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor, bmax: Tensor
+) -> Tensor:
+    """Stage of head_gap for flat rows: a logit threshold from the block maxima, then only the
+    tokens above it (``_head_of_candidates``).
 
-    Tokens go to buckets of _BUCKET_WIDTH nats below the row's largest logit (the last bucket,
-    _NBUCKETS - 1, is open). Weighted bincounts give each bucket's mass, |p - q| sum and count.
-    In sorted order the buckets are consecutive runs, so every token of a bucket before the one
-    where the cumulative mass first exceeds mu is in the head, every token after it is in the
-    tail, and only the boundary bucket's few tokens are sorted (a top-k of at most _TOPK_LAST)
-    and cut by the cumulative rule. Rows whose boundary lies in the open bucket, whose boundary
-    bucket is too large, or whose sums round the other way are left undone (the full sort).
+    The same as the full sort, restricted to a prefix of it: every block maximum b is a distinct
+    token with z >= b, so L(tau) = sum of exp(b - lse) over the blocks with b >= tau is at most
+    the mass of the tokens with z >= tau. A histogram of the block maxima (buckets of
+    _BUCKET_WIDTH nats below the row's largest logit; the last, _NBUCKETS - 1, open) gives the
+    first tau with L(tau) > mu; then the tokens with z >= tau, which lie in the blocks with
+    b >= tau, are the top of the sorted row and hold the boundary (the first c_i > mu). Only
+    those tokens are gathered: from the blocks above tau, or by one compare over the rows when
+    most blocks qualify (flat rows, T = 2). Rows whose threshold falls in the open bucket or
+    whose sums round the other way are left undone (the full sort).
     Returns the rows settled (a mask over ``todo``).
     """
-    r = todo.numel()
-    nb = _NBUCKETS
-    z = rows.z_t.index_select(0, todo)
-    p = rows.p.index_select(0, todo)
-    e = rows.q.index_select(0, todo).sub_(p).abs_()  # |p - q|
-    f = (z.amax(-1, keepdim=True) - z).mul_(1.0 / _BUCKET_WIDTH).floor_()
-    f = f.nan_to_num_(nan=nb - 1, posinf=nb - 1).clamp_(0, nb - 1).to(torch.long)
-    ids = (f + torch.arange(0, r * nb, nb, device=f.device)[:, None]).flatten()
-    dt = torch.float64  # the bucket sums, accumulated in double
+    r, nb, v = todo.numel(), _NBUCKETS, rows.z_t.shape[1]
+    bm = bmax if r == rows.z_t.shape[0] else bmax.index_select(0, todo)  # (r, nblocks)
+    lse = rows.lse_t.index_select(0, todo)[:, None]
+    ids = (bm.amax(-1, keepdim=True) - bm).mul_(1.0 / _BUCKET_WIDTH).clamp_(0, nb - 1).to(torch.long)
+    ids += torch.arange(0, r * nb, nb, device=ids.device)[:, None]
+    lower = torch.bincount(ids.flatten(), weights=(bm - lse).exp_().flatten(), minlength=r * nb)
+    last = (lower.view(r, nb).cumsum(-1) <= mu).sum(-1, keepdim=True)  # first bucket with L > mu
+    ok = (last < nb - 1).squeeze(1)
+    inside = ids - torch.arange(0, r * nb, nb, device=ids.device)[:, None] <= last
+    tau = bm.masked_fill(~inside, math.inf).amin(-1)  # (r,) L(tau) > mu
+    # the candidates: the tokens with z >= tau of the blocks with b >= tau (flat, row by row)
+    loc, blk = ((bm >= tau[:, None]) & ok[:, None]).nonzero().unbind(1)  # (Mb,) row in todo, block
+    if loc.numel() * _BLOCK * 4 > r * v:  # flat rows (T = 2): one compare over them is cheaper
+        z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
+        loc, col = ((z_r >= tau[:, None]) & ok[:, None]).nonzero().unbind(1)
+        flat = todo.index_select(0, loc) * v + col
+        z = z_r[loc, col]
+    else:
+        cols = _block_cols(blk, v)  # (Mb, _BLOCK)
+        flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
+        z = rows.z_t.take(flat)
+        keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
+        loc = loc.index_select(0, keep // _BLOCK)
+        flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
+    flat_p = rows.p.take(flat)
+    e = rows.q.take(flat).sub_(flat_p).abs_()  # |p - q|
+    return ok & _head_of_candidates(loc, z, flat_p.double(), e, bm.amax(-1), mu, g_head, size, todo)
 
-    def per_bucket(w: Tensor | None) -> Tensor:
-        out = torch.bincount(ids, weights=None if w is None else w.flatten(), minlength=r * nb)
-        return out.view(r, nb).to(dt).cumsum(-1)
 
-    mass, gap, count = per_bucket(p), per_bucket(e), per_bucket(None)
-    last = (mass <= mu).sum(-1, keepdim=True)  # the first bucket whose cumulative mass > mu
-    ok = last < nb - 1
-    last = last.clamp_(max=nb - 1)
-    prev = (last - 1).clamp_(min=0)
+def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
+    """Head of rows given every token above a threshold whose mass exceeds mu, flat.
 
-    def before(c: Tensor) -> Tensor:  # cumulative sum over the buckets before ``last``
-        return torch.where(last > 0, c.gather(-1, prev), 0.0)
-
-    m0, g0, n0 = before(mass), before(gap), before(count)
-    n_last = count.gather(-1, last) - n0
-    k = int(min(max(int(n_last.max()), 1), _TOPK_LAST))
-    ok &= n_last <= k
-    in_last = f == last
-    zf, cols = z.masked_fill_(~in_last, -math.inf).topk(k, dim=-1)  # the boundary bucket, sorted
-    pad = ~in_last.gather(-1, cols)
-    p_f = p.gather(-1, cols).masked_fill_(pad, 0.0)
-    e_f = e.gather(-1, cols).masked_fill_(pad, 0.0)
-    cum = p_f.to(dt).cumsum(-1) + m0
-    head = (cum <= mu) & ~pad
-    head[:, 0] |= n0[:, 0] == 0  # the top-1 token is always in the head
-    ok &= ((cum > mu) & ~pad).any(-1, keepdim=True)  # the boundary is in this bucket
-    done = ok.squeeze(1)
+    loc (M,): row (in todo) of each candidate, ascending; z, p (double), e = |p - q|: theirs.
+    The same as a sort of the candidates, without it: a fine histogram of z_max - z
+    (_FINE_WIDTH nats) gives each bucket's mass; the tokens of the buckets before the one where
+    the cumulative mass first exceeds mu are the head, and only that boundary bucket's few
+    tokens are sorted and cut by the cumulative rule. Returns the rows settled.
+    """
+    r, nf = todo.numel(), _NFINE
+    b = (z_max.index_select(0, loc) - z).mul_(1.0 / _FINE_WIDTH).clamp_(0, nf - 1).to(torch.long)
+    cum = torch.bincount(loc * nf + b, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
+    last = (cum <= mu).sum(-1, keepdim=True)  # (r, 1) the boundary bucket
+    ok = (last < nf).squeeze(1)
+    last = last.clamp_(max=nf - 1)
+    m0 = torch.where(last > 0, cum.gather(-1, (last - 1).clamp_(min=0)), 0.0).squeeze(1)
+    b_last = last.squeeze(1).index_select(0, loc)
+    before = (b < b_last).to(e.dtype)
+    n0 = torch.bincount(loc, weights=before, minlength=r)
+    g0 = torch.bincount(loc, weights=before.mul_(e), minlength=r)
+    # the boundary bucket's tokens, sorted per row ((r, k) padded with -inf)
+    at = (b == b_last).nonzero().squeeze(1)
+    loc, z, p, e = (x.index_select(0, at) for x in (loc, z, p, e))
+    count = torch.bincount(loc, minlength=r)
+    k = max(int(count.max()) if loc.numel() else 0, 1)
+    pos = (
+        loc * k
+        + torch.arange(loc.numel(), device=loc.device)
+        - (count.cumsum(0) - count).index_select(0, loc)
+    )
+    z_s, order = (
+        torch.full((r * k,), -math.inf, device=z.device)
+        .index_copy_(0, pos, z)
+        .view(r, k)
+        .sort(-1, descending=True)
+    )
+    pad = z_s == -math.inf
+    p_s = (
+        torch.zeros(r * k, dtype=p.dtype, device=p.device).index_copy_(0, pos, p).view(r, k).gather(-1, order)
+    )
+    e_s = (
+        torch.zeros(r * k, dtype=e.dtype, device=e.device).index_copy_(0, pos, e).view(r, k).gather(-1, order)
+    )
+    c = p_s.cumsum(-1) + m0[:, None]
+    head = (c <= mu) & ~pad
+    head[:, 0] |= n0 == 0  # the top-1 token is always in the head
+    done = ok & ((c > mu) & ~pad).any(-1)
     sel = todo[done]
-    g_head[sel] = (g0 + torch.where(head, e_f, 0.0).sum(-1, keepdim=True, dtype=dt))[done, 0].to(g_head.dtype)
-    size[sel] = (n0 + head.sum(-1, keepdim=True))[done, 0].to(size.dtype)
+    g_head[sel] = (g0 + torch.where(head, e_s, 0.0).sum(-1))[done].to(g_head.dtype)
+    size[sel] = (n0 + head.sum(-1))[done].to(size.dtype)
     return done
 
 
@@ -389,7 +456,7 @@ def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int
     everything = todo.numel() == rows.p.shape[0]
     top_b, bidx = bmax.topk(blocks + 1, dim=-1)  # (R, blocks + 1)
     bound = top_b[:, -1:]  # the largest logit outside the candidate blocks
-    cols = (bidx[:, :-1, None] * _BLOCK + torch.arange(_BLOCK, device=bmax.device)).flatten(1)
+    cols = _block_cols(bidx[:, :-1], v).flatten(1)
     inside = cols < v  # the last block may be short
     cols = cols.clamp_(max=v - 1)
 
@@ -553,11 +620,17 @@ _PER_TOKEN: dict[str, PerToken] = {
 # --------------------------------------------------------------------------------------------
 
 
-def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device) -> int:
+def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device, name: str | None = None) -> int:
+    """Tokens per chunk: opts.chunk_size, else about _AUTO_CHUNK_ELEMENTS logits (more with a head search)."""
     if opts.chunk_size is not None:
         return opts.chunk_size
-    elements = _AUTO_CHUNK_ELEMENTS.get(device.type, _AUTO_CHUNK_ELEMENTS["cuda"])
+    table = _AUTO_CHUNK_ELEMENTS_HEAD if _needs_head(name, opts) else _AUTO_CHUNK_ELEMENTS
+    elements = table.get(device.type, table["cuda"])
     return max(1, elements // max(vocab, 1))
+
+
+def _needs_head(name: str | None, opts: DivergenceOptions) -> bool:
+    return name in ("akl", "akl_r") or opts.all_stats
 
 
 def _tempered(x: Tensor, t: float, ws: Workspace, key: str) -> Tensor:
@@ -599,7 +672,7 @@ def divergence_chunk(
 
 
 def _per_token(name, z_s, z_t, opts, ws, out, safe: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    rows = _Rows(z_s, z_t, safe, ws, blocks=name in ("akl", "akl_r") or opts.all_stats)
+    rows = _Rows(z_s, z_t, safe, ws, blocks=_needs_head(name, opts))
     loss, stats = _PER_TOKEN[name](rows, opts, out)
     if opts.all_stats:
         stats = dict(stats)
@@ -654,7 +727,7 @@ def _forward(
     grad = None
     if need_grad:
         grad = torch.empty_like(s) if all_valid else torch.zeros_like(s)
-    rows = chunk_rows(opts, s.shape[-1], s.device)
+    rows = chunk_rows(opts, s.shape[-1], s.device, name)
     ws = Workspace(min(rows, s.shape[0]), s.shape[-1], s.device)
     loss_sum = s.new_zeros((), dtype=torch.float32)
     stats: dict[str, Tensor] = {}

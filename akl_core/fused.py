@@ -67,7 +67,7 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None,
     loss_sum = sh.new_zeros((), dtype=torch.float32)
     stats: dict[str, Tensor] = {}
     v = sw.shape[0]
-    sub_rows = chunk_rows(opts, v, sh.device)  # the divergence's cache-sized chunk
+    sub_rows = chunk_rows(opts, v, sh.device, name)  # the divergence's cache-sized chunk
     rows = sub_rows if opts.chunk_size else max(sub_rows, _MATMUL_CHUNK_ELEMENTS // max(v, 1))
     rows = min(rows, max(sh.shape[0], 1))
     big = Workspace(rows, v, sh.device)  # logits and their gradient for one matmul chunk

@@ -1,9 +1,16 @@
 """Benchmark: forward + backward time and peak memory of the distillation divergences.
 
-    python bench/divergences.py                      # the full grid (slow on a CPU)
-    python bench/divergences.py --tokens 1024 --vocab 32000 --repeats 1   # a quick look
+    python bench/divergences.py                      # real logits, then the full grid (slow on a CPU)
+    python bench/divergences.py --real-only          # real logits only: AKL / FKL at T = 1 and T = 2
+    python bench/divergences.py --no-real --tokens 1024 --vocab 32000 --repeats 1   # a quick look
 
-For each shape (N tokens, V vocabulary) it measures, in one process:
+First, real logits (bench/real_logits.py): SmolLM2-135M-Instruct as teacher and its 6-layer
+truncation as student, teacher-forced on the demo validation responses (the first 1450 response
+tokens, V = 49152), at T = 1 and T = 2: the teacher's statistics (top-1 > 0.5 share, mean
+entropy, AKL head sizes), then our FKL, FKL+RKL, AKL (and torchtune's FKL at T = 1) timed in
+turn, the median over rounds of each one's ratio to our FKL in the same round.
+
+Then, on synthetic logits, for each shape (N tokens, V vocabulary) it measures, in one process:
 - floor: one pass of memory traffic over the same logits (read student and teacher, write a
   gradient), the least any fwd+bwd can cost;
 - straight_akl: AKL as the authors compute it (full sort, plain autograd), from the formulas;
@@ -15,7 +22,7 @@ For each shape (N tokens, V vocabulary) it measures, in one process:
   LigerFusedLinearJSDLoss (compiled=False on CPU). A missing peer is skipped.
 Peak memory is the growth of the process's resident set (VmHWM after clear_refs, glibc trimmed
 between runs) on CPU, torch.cuda.max_memory_allocated on a GPU, over the inputs already held.
-Logits are synthetic but LLM-like (see make_logits). Prints a table and writes JSON.
+The synthetic logits are LLM-like but peaked (see make_logits). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -239,18 +246,28 @@ def run_shape(n, v, args, peers, device) -> list[dict]:
     return rows
 
 
-def interleaved_ratios(n: int, v: int, rounds: int, peers: dict, device: torch.device) -> dict:
-    """Best-of-``rounds`` times of a few methods run in turn (fair under a changing load)."""
-    s0, t0 = (x.to(device) for x in make_logits(n, v))
-    labels = torch.zeros(n, dtype=torch.long, device=device)
-    labels[::8] = -100
+def interleaved_ratios(
+    s0: torch.Tensor,
+    t0: torch.Tensor,
+    labels: torch.Tensor,
+    rounds: int,
+    peers: dict,
+    device,
+    temperature=1.0,
+) -> dict:
+    """Times of a few methods run in turn, ``rounds`` times (fair under a changing load).
+
+    Reports the best time of each and the median over rounds of its ratio to our FKL in the
+    same round (the methods of a round ran seconds apart).
+    """
     fns = {
-        f"ours_chunked:{name}": (lambda name=name, s=None: compute(name, s, t0, labels).loss)
+        f"ours_chunked:{name}": (
+            lambda name=name, s=None: compute(name, s, t0, labels, temperature=temperature).loss
+        )
         for name in ("fkl", "fkl_rkl", "akl")
     }
-    if "torchtune_fkl" in peers:
+    if "torchtune_fkl" in peers and temperature == 1.0:  # it has no temperature
         fns["torchtune_fkl:fkl"] = lambda s=None: peers["torchtune_fkl"](s, t0, labels)
-    best = dict.fromkeys(fns, math.inf)
     all_s: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
@@ -261,13 +278,59 @@ def interleaved_ratios(n: int, v: int, rounds: int, peers: dict, device: torch.d
             if device.type == "cuda":
                 torch.cuda.synchronize()
             all_s[key].append(time.perf_counter() - start)
-            best[key] = min(best[key], all_s[key][-1])
-    # ratio to our FKL per round (the methods of a round ran seconds apart), then the median
     ratios = {
         k: statistics.median(a / b for a, b in zip(ts, all_s["ours_chunked:fkl"], strict=True))
         for k, ts in all_s.items()
     }
-    return {"n": n, "v": v, "rounds": rounds, "best_s": best, "median_ratio_to_fkl": ratios}
+    n, v = s0.shape
+    best = {k: min(ts) for k, ts in all_s.items()}
+    return {
+        "n": n,
+        "v": v,
+        "temperature": temperature,
+        "rounds": rounds,
+        "best_s": best,
+        "median_ratio_to_fkl": ratios,
+    }
+
+
+def synthetic_interleaved(n: int, v: int, rounds: int, peers: dict, device) -> dict:
+    s0, t0 = (x.to(device) for x in make_logits(n, v))
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    labels[::8] = -100
+    return interleaved_ratios(s0, t0, labels, rounds, peers, device)
+
+
+def real_group(args, peers: dict, device) -> list[dict]:
+    """AKL / FKL on the real teacher's and truncated student's logits, at T = 1 and T = 2."""
+    import real_logits  # bench/real_logits.py, beside this script
+
+    s0, t0 = real_logits.load(args.real_cache, args.models_root)
+    s0, t0 = (x[: args.real_tokens].to(device) for x in (s0, t0))
+    labels = torch.zeros(s0.shape[0], dtype=torch.long, device=device)
+    out = []
+    for temperature in (1.0, 2.0):
+        stats = real_logits.teacher_stats(t0, temperature)
+        res = interleaved_ratios(s0, t0, labels, args.real_rounds, peers, device, temperature)
+        res["teacher"] = stats
+        out.append(res)
+        print(_fmt_real(res), flush=True)
+    return out
+
+
+def _fmt_real(res: dict) -> str:
+    st = res["teacher"]
+    ratios = ", ".join(
+        f"{k.split(':')[0].replace('ours_chunked', 'ours')}:{k.split(':')[1]} {x:.2f}x"
+        for k, x in res["median_ratio_to_fkl"].items()
+    )
+    return (
+        f"real logits N={res['n']} V={res['v']} T={res['temperature']:g}: teacher top-1 > 0.5 on "
+        f"{100 * st['top1_above_half']:.0f}% of tokens, mean entropy {st['mean_entropy_nats']:.2f} nats, "
+        f"AKL head size median {st['head_size_median']:.0f} / p90 {st['head_size_p90']:.0f} / max "
+        f"{st['head_size_max']:.0f}; our FKL best {res['best_s']['ours_chunked:fkl']:.3f} s; median "
+        f"per-round ratio to our FKL ({res['rounds']} rounds): {ratios}"
+    )
 
 
 def _fmt_row(r: dict) -> str:
@@ -329,26 +392,51 @@ def main(argv: list[str] | None = None) -> None:
         help="only time our fkl, fkl_rkl, akl and torchtune's FKL in turn, K rounds",
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/divergences.json"))
+    real = ap.add_argument_group("real logits (measured first)")
+    real.add_argument("--no-real", action="store_true", help="skip the real-logit group")
+    real.add_argument("--real-only", action="store_true", help="only the real-logit group")
+    real.add_argument("--real-tokens", type=int, default=1450, help="response tokens kept (the first N)")
+    real.add_argument("--real-rounds", type=int, default=5, help="interleaved rounds per temperature")
+    real.add_argument(
+        "--real-cache",
+        type=Path,
+        default=Path("bench/results/real_logits.pt"),
+        help="logits cache (built on first use: ~1.5 GB, a few minutes)",
+    )
+    real.add_argument(
+        "--models-root", type=Path, default=None, help="where the teacher preset is (or is built)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     peers = {} if args.no_peers else load_peers()
+    # real logits first: synthetic rows are far more peaked and hid AKL's cost (issue 15)
+    real = [] if args.no_real else real_group(args, peers, device)
+    if args.real_only:
+        _write(args, argv, device, {"real": real})
+        return
     if args.interleave:
-        for n in args.tokens:
-            for v in args.vocab:
-                res = interleaved_ratios(n, v, args.interleave, peers, device)
-                fkl = res["best_s"]["ours_chunked:fkl"]
-                print(json.dumps(res), {k: round(t / fkl, 2) for k, t in res["best_s"].items()})
-                print(
-                    "median per-round ratios:",
-                    {k: round(x, 2) for k, x in res["median_ratio_to_fkl"].items()},
-                )
+        synthetic = [
+            synthetic_interleaved(n, v, args.interleave, peers, device)
+            for n in args.tokens
+            for v in args.vocab
+        ]
+        for res in synthetic:
+            fkl = res["best_s"]["ours_chunked:fkl"]
+            print(json.dumps(res), {k: round(t / fkl, 2) for k, t in res["best_s"].items()})
+            print("median per-round ratios:", {k: round(x, 2) for k, x in res["median_ratio_to_fkl"].items()})
+        _write(args, argv, device, {"real": real, "synthetic_interleaved": synthetic})
         return
     rows: list[dict] = []
     for n in args.tokens:
         for v in args.vocab:
             rows += run_shape(n, v, args, peers, device)
+    print(table(rows))
+    _write(args, argv, device, {"real": real, "rows": rows})
+
+
+def _write(args, argv, device, groups: dict) -> None:
     meta = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -359,8 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python bench/divergences.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(table(rows))
+    args.out.write_text(json.dumps({"meta": meta, **groups}, indent=1))
     print(f"\n{meta}\nwritten: {args.out}")
 
 

@@ -137,12 +137,12 @@ def test_teacher_only_neg_inf_is_finite_and_exact(name):
 
 
 def _stage_log(monkeypatch) -> dict[str, int]:
-    """Rows settled per stage of the head search: top1, blocks, buckets, sort."""
+    """Rows settled per stage of the head search: top1, blocks, buckets (the threshold stage), sort."""
     settled = {"top1": 0, "blocks": 0, "buckets": 0, "sort": 0}
     one, blocks, buckets, of_sorted = (
         divergences._head_of_one,
         divergences._head_from_blocks,
-        divergences._head_from_buckets,
+        divergences._head_from_threshold,
         divergences._head_of_sorted,
     )
 
@@ -169,7 +169,7 @@ def _stage_log(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(divergences, "_head_of_one", spy_one)
     monkeypatch.setattr(divergences, "_head_from_blocks", spy_blocks)
-    monkeypatch.setattr(divergences, "_head_from_buckets", spy_buckets)
+    monkeypatch.setattr(divergences, "_head_from_threshold", spy_buckets)
     monkeypatch.setattr(divergences, "_head_of_sorted", spy_sorted)
     return settled
 
@@ -197,10 +197,11 @@ def test_top1_shortcut_settles_peaked_rows(monkeypatch):
 
 def test_all_head_stages_match_reference(monkeypatch):
     # blocks of 2 tokens: V = 131 goes through the top-1 shortcut, 8 blocks, the logit histogram
-    # (on V > 100, 128 buckets: at mu = 0.99 the flat rows overflow it), the full sort
+    # from the block maxima (on V > 100, 128 buckets: at mu = 0.99 the flat rows overflow it), the full sort
     monkeypatch.setattr(divergences, "_BLOCK", 2)
     monkeypatch.setattr(divergences, "_TOPK_LAST", 100)
     monkeypatch.setattr(divergences, "_NBUCKETS", 128)
+    monkeypatch.setattr(divergences, "_BLOCK_STAGES_BEFORE_BUCKETS", 1)  # keep the 8-block stage too
     settled = _stage_log(monkeypatch)
     s, t, labels, opts = make_case("odd", seed=5)
     for scale, mu in ((6.0, 0.5), (2.0, 0.5), (0.4, 0.5), (0.05, 0.5), (0.05, 0.99)):
@@ -212,6 +213,38 @@ def test_all_head_stages_match_reference(monkeypatch):
             torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
             assert math.isclose(out.stats["head_size"], ref_stats["head_size"], rel_tol=1e-6)
     assert all(v > 0 for v in settled.values()), settled
+
+
+def _head_by_sort(s: torch.Tensor, t: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_head, head_size) per row straight from AKL.md: full sort of p, float64."""
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    p_sorted, idx = p.sort(-1, descending=True)
+    head = p_sorted.cumsum(-1) <= mu
+    head[:, 0] = True
+    return ((p_sorted - q.gather(-1, idx)).abs() * head).sum(-1), head.sum(-1).double()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("mu", [0.5, 0.9])
+@pytest.mark.parametrize("spread", [(0.3, 6.0), (3.0, 9.0)])  # heads up to ~2000 / ~250 tokens
+def test_threshold_stage_matches_full_sort_per_row(monkeypatch, temperature, mu, spread):
+    # V > _TOPK_LAST with the default constants: flat rows of every size of head go to
+    # _head_from_threshold (its candidates from whole rows, or from the blocks when heads are
+    # small); every row's head must be the full sort's, exactly
+    settled = _stage_log(monkeypatch)
+    g = _gen(7)
+    v = divergences._TOPK_LAST + 1003  # not a multiple of _BLOCK: a short last block
+    t = torch.randn(24, v, generator=g) * torch.linspace(*spread, 24)[:, None]
+    t[::5, 17] += 9.0  # a few peaked rows (top-1 shortcut)
+    s = t + torch.randn(24, v, generator=g)
+    opts = divergences.DivergenceOptions(temperature=temperature, mu=mu)
+    z_s, z_t = s / temperature, t / temperature
+    rows = divergences._Rows(z_s, z_t, False, divergences.Workspace(24, v, s.device), blocks=True)
+    g_head, size = divergences.head_gap(rows, opts.mu)
+    ref_gap, ref_size = _head_by_sort(z_s, z_t, mu)
+    assert settled["buckets"] > 0
+    torch.testing.assert_close(size.double(), ref_size, rtol=0, atol=0)
+    torch.testing.assert_close(g_head.double(), ref_gap, rtol=1e-5, atol=2e-6)  # p, q are fp32
 
 
 # ---------------------------------------------------------------------------- properties
