@@ -752,25 +752,32 @@ def _forward(
     return loss_sum, grad, int(valid.sum()), stats
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    """loss_sum of one divergence; the gradient wrt the student logits is made in forward.
+def grad_in_forward(forward: Callable) -> type[torch.autograd.Function]:
+    """An autograd Function over ``forward(name, s, t, labels, opts, need_grad)``, which returns
+    (loss_sum, grad wrt the student logits, num_tokens, stats): the gradient is made in forward.
 
     backward hands that buffer back scaled in place, without a copy (the copy of an (N, V)
     gradient was a third of the whole cost on CPU), so the graph can be backpropagated once.
+    The chunked torch path and the Triton kernel (akl_core/kernels/dispatch.py) share it.
     """
 
-    @staticmethod
-    def forward(ctx, s, t, labels, name, opts, extras):
-        loss_sum, grad, n, stats = _forward(name, s, t, labels, opts, need_grad=True)
-        ctx.grad = grad
-        extras["num_tokens"], extras["stats"] = n, stats
-        return loss_sum
+    class _PrecomputedGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s, t, labels, name, opts, extras):
+            loss_sum, grad, n, stats = forward(name, s, t, labels, opts, need_grad=True)
+            ctx.grad = grad
+            extras["num_tokens"], extras["stats"] = n, stats
+            return loss_sum
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grad = scaled_once(ctx, "grad", grad_output)
-        return grad, None, None, None, None, None
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_output):
+            return scaled_once(ctx, "grad", grad_output), None, None, None, None, None
+
+    return _PrecomputedGrad
+
+
+_ChunkedDivergence = grad_in_forward(_forward)
 
 
 def scaled_once(ctx, attr: str, grad_output: Tensor) -> Tensor | None:

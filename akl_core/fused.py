@@ -10,6 +10,8 @@ Peak memory: hidden states, weights, their gradients and one chunk of (rows, V) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -100,23 +102,34 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None,
     return loss_sum, int(valid.sum()), stats, (grad_h, grad_w, grad_b)
 
 
-class _FusedDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps):
-        need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
-        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)
-        grad_h, grad_w, grad_b = grads
-        ctx.grad_h = grad_h
-        ctx.grad_w = None if grad_w is None else grad_w.to(sw.dtype)
-        ctx.grad_b = None if grad_b is None else grad_b.to(sb.dtype)
-        extras["num_tokens"], extras["stats"] = n, stats
-        return loss_sum
+def fused_grad_in_forward(forward: Callable) -> type[torch.autograd.Function]:
+    """An autograd Function over ``forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)``,
+    which returns (loss_sum, num_tokens, stats, (grad_h, grad_w, grad_b)): the gradients wrt the
+    student's hidden states, lm_head weight and bias are made in forward and handed back once
+    (``scaled_once``). The torch path and the Triton kernel (akl_core/kernels/dispatch.py) share it."""
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
-        return (*grads, None, None, None, None, None, None, None, None)
+    class _FusedGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps):
+            need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
+            loss_sum, n, stats, grads = forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)
+            grad_h, grad_w, grad_b = grads
+            ctx.grad_h = grad_h
+            ctx.grad_w = None if grad_w is None else grad_w.to(sw.dtype)
+            ctx.grad_b = None if grad_b is None else grad_b.to(sb.dtype)
+            extras["num_tokens"], extras["stats"] = n, stats
+            return loss_sum
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_output):
+            grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
+            return (*grads, None, None, None, None, None, None, None, None)
+
+    return _FusedGrad
+
+
+_FusedDivergence = fused_grad_in_forward(_fused_forward)
 
 
 def compute_fused(

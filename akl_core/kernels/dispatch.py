@@ -26,9 +26,9 @@ from akl_core.divergences import (
     DivergenceOutput,
     chunk_selectors,
     finish,
-    scaled_once,
+    grad_in_forward,
 )
-from akl_core.fused import softcap_, softcap_grad_
+from akl_core.fused import fused_grad_in_forward, softcap_, softcap_grad_
 
 SUPPORTED = ("fkl", "rkl", "fkl_rkl", "akl", "akl_r")
 _OWN_STATS = {"fkl": ("fkl",), "rkl": ("rkl",), "fkl_rkl": ("fkl", "rkl")}
@@ -83,18 +83,7 @@ def _forward(name, s, t, labels, opts: DivergenceOptions, need_grad: bool):
     return per_row[:, 0].sum(), grad, int(valid.sum()), _stats(name, opts, per_row)
 
 
-class _TritonDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, t, labels, name, opts, extras):
-        loss_sum, grad, n, stats = _forward(name, s, t, labels, opts, need_grad=True)
-        ctx.grad = grad
-        extras["num_tokens"], extras["stats"] = n, stats
-        return loss_sum
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        return scaled_once(ctx, "grad", grad_output), None, None, None, None, None
+_TritonDivergence = grad_in_forward(_forward)
 
 
 def compute(name: str, s: Tensor, t: Tensor, labels: Tensor, opts: DivergenceOptions) -> DivergenceOutput:
@@ -177,22 +166,7 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) ->
     return torch.addmm(bias.to(hidden.dtype), hidden, w.t(), out=out)
 
 
-class _TritonFused(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps):
-        need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
-        loss_sum, n, stats, grads = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)
-        grad_h, grad_w, grad_b = grads
-        ctx.grad_h, ctx.grad_w = grad_h, grad_w
-        ctx.grad_b = None if grad_b is None else grad_b.to(sb.dtype)
-        extras["num_tokens"], extras["stats"] = n, stats
-        return loss_sum
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
-        return (*grads, None, None, None, None, None, None, None, None)
+_TritonFused = fused_grad_in_forward(_fused_forward)
 
 
 def compute_fused(name, sh, sw, sb, th, tw, tb, labels, opts: DivergenceOptions, caps=(None, None)):
