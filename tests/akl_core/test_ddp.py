@@ -15,6 +15,22 @@ from akl_core.events import read_events
 from akl_core.spec import load_spec
 
 
+def run_runner(spec, out, models_root) -> list[dict]:
+    """Run ``spec`` through ``python -m akl_core.runner`` (which launches DDP itself); its events."""
+    spec_path = out.parent / f"{out.name}-spec.json"
+    spec_path.write_text(spec.model_dump_json())
+    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "akl_core.runner", str(spec_path), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
 def spec_for(batch_size: int, processes: int):
     return load_spec(
         {
@@ -45,18 +61,7 @@ def test_two_processes_match_one(models_root, tmp_path):
     one = tmp_path / "one"
     trainer.distill(spec_for(4, 1), one, models_root=models_root)
 
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(spec_for(2, 2).model_dump_json())
-    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "akl_core.runner", str(spec_path), str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    events = run_runner(spec_for(2, 2), tmp_path / "two", models_root)
     assert events[0]["type"] == "loading" and events[1]["type"] == "started"
     assert events[1]["device"] == "cpu x2"
     assert events[-1]["type"] == "completed"

@@ -6,11 +6,7 @@ Run by bench/gpu.sh; skipped without CUDA. Tiny models only.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ import torch
 from akl_core import trainer
 from akl_core.divergences import compute
 from akl_core.fused import compute_fused
+from tests.akl_core.test_ddp import run_runner
 from tests.akl_core.test_trainer import run, steps, tiny_spec
 
 pytestmark = [
@@ -157,17 +154,6 @@ def test_ddp_two_gpus(models_root, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     spec = tiny_spec(training={"max_steps": 2}, resources={"device": "cuda", "processes": 2})
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(spec.model_dump_json())
-    env = {**os.environ, "AKL_MODELS_ROOT": str(models_root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "akl_core.runner", str(spec_path), str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    events = run_runner(spec, tmp_path / "two", models_root)
     assert events[-1]["type"] == "completed"
     assert all(math.isfinite(e["loss"]) for e in events if e["type"] == "step")
