@@ -7,8 +7,9 @@ the same test prompts:
 - the student before any training (its evenly spaced layers, `student.init: truncate`);
 - the same student trained with SFT only (kd_ratio 0, the study's CPU budget).
 
-A metric is fit to rank losses only if it separates the teacher from the untrained student by a
-clear margin: the gap must exceed K noise scales, where the noise scale is the larger of the
+A metric is fit to rank losses only if it is a quality metric (distinct-n measure diversity,
+which has no better direction, so they are reported and never ranked) and it separates the teacher
+from the untrained student by a clear margin: the gap must exceed K noise scales, where the noise scale is the larger of the
 sampling-seed standard deviation (sampled metrics) and the bootstrap standard deviation of the gap
 over examples (every metric; paired, same prompts). The verdicts go to
 experiments/results/metric_validity.json and docs/results.md quotes the table.
@@ -35,6 +36,9 @@ SEEDS = (10, 20, 30)
 BOOTSTRAP = 1000
 # Higher is better for every metric but the validation losses.
 LOWER_IS_BETTER = ("val_kl", "val_ce")
+# Diversity statistics are reported, never used to rank: more distinct n-grams is not better (an
+# untrained student's noise is the most "diverse"), and fewer is not better either (mode collapse).
+DIVERSITY = ("distinct_1", "distinct_2")
 
 
 def per_example_scores(model, tok, teacher, examples, args, device="cpu") -> dict[str, list[float]]:
@@ -109,7 +113,8 @@ def verdicts(teacher: dict, untrained: dict, sft: dict, rng: random.Random) -> d
             "noise": scale,
             "gap_in_noise": gap / scale if scale > 0 else float("inf"),
             "sft_gain": sign * (ss[metric] - su[metric]),
-            "ranks": bool(gap > K * scale),
+            "separates": bool(gap > K * scale),
+            "ranks": bool(gap > K * scale) and metric not in DIVERSITY,
         }
     return out
 
@@ -176,14 +181,14 @@ def run_task(task: str, args, models_root: Path) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| task | metric | teacher | untrained | SFT | gap / noise | ranks losses? |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| task | metric | teacher | untrained | SFT | gap / noise | separates? | ranks losses? |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for task, res in results["tasks"].items():
         for metric, v in res["metrics"].items():
             lines.append(
                 f"| {task} | {metric} | {v['teacher']:.3f} | {v['untrained']:.3f} | {v['sft']:.3f} "
-                f"| {v['gap_in_noise']:.1f} | {'yes' if v['ranks'] else 'no'} |"
+                f"| {v['gap_in_noise']:.1f} | {'yes' if v['separates'] else 'no'} | {'yes' if v['ranks'] else 'no'} |"
             )
     return "\n".join(lines)
 
