@@ -54,7 +54,7 @@ print("step   loss     g_head   g_tail   w_head")
 for r in m:
     print(f"{r['step']:>4}  " + "  ".join(f"{r.get(k) or 0:.4f}" for k in ("loss", "g_head", "g_tail", "w_head")))
 for e in httpx.get(f"{base}/evaluations", headers=h).json()["data"]:
-    shown = ("rouge_l", "rouge_l_std", "teacher_rouge_l", "distinct_2", "val_kl")
+    shown = ("rouge_l", "rouge_l_std", "rouge_l_greedy", "teacher_rouge_l", "teacher_rouge_l_greedy", "distinct_2", "val_kl")
     print(f"evaluation @ step {e['step']}:", {k: e["metrics"].get(k) for k in shown})
 PY
 
