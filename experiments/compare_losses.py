@@ -262,7 +262,9 @@ def run_study(args, out_root: Path) -> None:
                     f"{time.strftime('%H:%M:%S')} done {m} seed {s} rc={p.returncode} {time.time() - t0:.0f}s",
                     flush=True,
                 )
-        aggregate(args, out_root, quiet=True)
+        # The table so far; not before the first run finishes (aggregate refuses an empty study).
+        if any((run_dir(out_root, m, s) / "result.json").is_file() for m in args.methods for s in args.seeds):
+            aggregate(args, out_root, quiet=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,14 +385,21 @@ def paired(runs: dict, ref: str = "akl") -> dict:
 
 
 def table(summary: dict) -> str:
+    greedy = all("rouge_l_greedy" in agg for agg in summary["methods"].values())
+    g_head = " greedy Rouge-L |" if greedy else ""
     rows = [
-        "| Method | seeds | Rouge-L | distinct-1 | distinct-2 | KL(teacher‖student) | student CE |",
-        "|---|---|---|---|---|---|---|",
+        f"| Method | seeds | Rouge-L |{g_head} distinct-1 | distinct-2 | KL(teacher‖student) | student CE |",
+        "|---|---|---|" + ("---|" if greedy else "") + "---|---|---|---|",
     ]
     t = summary.get("teacher")
     if t:
+        g_t = (
+            f" {t['rouge_l_greedy']:.2f} |"
+            if greedy and t.get("rouge_l_greedy") is not None
+            else (" - |" if greedy else "")
+        )
         rows.append(
-            f"| Teacher | - | {t['rouge_l']:.2f} (± {t['rouge_l_std']:.2f} over sampling seeds) | "
+            f"| Teacher | - | {t['rouge_l']:.2f} (± {t['rouge_l_std']:.2f} over sampling seeds) |{g_t} "
             f"{t['distinct_1']:.3f} | {t['distinct_2']:.3f} | 0 | {t['val_ce']:.3f} |"
         )
     for m, agg in summary["methods"].items():
@@ -398,8 +407,9 @@ def table(summary: dict) -> str:
         def f(k: str, d: int, agg: dict = agg) -> str:
             return f"{agg[k]['mean']:.{d}f} ± {agg[k]['std']:.{d}f}"
 
+        g_m = f" {f('rouge_l_greedy', 2)} |" if greedy else ""
         rows.append(
-            f"| {LABELS.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} | {f('distinct_1', 3)} | "
+            f"| {LABELS.get(m, m)} | {agg['rouge_l']['n']} | {f('rouge_l', 2)} |{g_m} {f('distinct_1', 3)} | "
             f"{f('distinct_2', 3)} | {f('val_kl', 3)} | {f('val_ce', 3)} |"
         )
     return "\n".join(rows)
