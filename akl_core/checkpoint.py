@@ -47,7 +47,13 @@ def rng_state() -> dict[str, Any]:
 
         # plain types + a tensor, so the state loads with torch.load(weights_only=True)
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+        state["numpy"] = (
+            str(name),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        )
     except ImportError:  # pragma: no cover
         pass
     return state

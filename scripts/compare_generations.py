@@ -30,8 +30,9 @@ def main() -> None:
     outputs = {}
     for name, path in (("teacher", args.teacher), ("student", args.student)):
         model = load_teacher(path)
-        outputs[name] = generate(model, tokenizer, prompts, seed=0, max_new_tokens=args.max_new_tokens,
-                                 temperature=0.0)
+        outputs[name] = generate(
+            model, tokenizer, prompts, seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0
+        )
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters from {path}")
         del model
     for i, (prompt, refs) in enumerate(pairs):
