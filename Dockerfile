@@ -24,13 +24,11 @@ COPY api ./api
 COPY worker ./worker
 COPY akl_cli ./akl_cli
 
-# --- API: the service dependencies of pyproject.toml without the training stack -----------------
+# --- API: the project with its [api] extra: the service, without the training stack ---------------
 FROM base AS api
-# The worker-only packages are filtered out of [project].dependencies (one list to maintain);
-# tests/e2e/test_deploy.py runs this same command and imports the API with torch blocked.
-RUN python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; skip = {'torch', 'transformers', 'accelerate', 'safetensors', 'gguf', 'rouge-score', 'numpy'}; print('\n'.join(d for d in deps if re.split(r'[<>=!~\[; ]', d, maxsplit=1)[0].lower() not in skip))" > /tmp/api-requirements.txt \
- && pip install -r /tmp/api-requirements.txt \
- && pip install --no-deps .
+# tests/e2e/test_deploy.py checks that [api] leaves out exactly the training stack and imports the API
+# with torch blocked.
+RUN pip install ".[api]"
 USER akl
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
@@ -40,7 +38,7 @@ CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-
 # --- worker: torch + the whole project ----------------------------------------------------------
 FROM base AS worker
 RUN pip install -q -r requirements/torch-cpu.txt \
- && pip install -c requirements/torch-cpu.txt . \
+ && pip install -c requirements/torch-cpu.txt ".[worker]" \
  && pip install --no-deps -r requirements/teacher.txt
 USER akl
 # One job at a time per worker process (--pool solo): the task sees the worker's SIGTERM, stops the

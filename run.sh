@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The two commands of this project (see README):
 #   bash run.sh demo   - set up, start the embedded service, distill the real teacher end to end
-#   bash run.sh test   - set up and run the whole test suite
+#   bash run.sh test   - set up, lint (ruff format --check, ruff check, mypy), run the whole test suite
+#   bash run.sh lint   - the lint step alone
 # Both create ./.venv on first use and install everything from this repository's own files.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,21 +49,33 @@ ensure_chromium() {
   fi
 }
 
+lint() {
+  echo "== lint: ruff format --check, ruff check, mypy"
+  "$VENV/bin/ruff" format --check --quiet .
+  "$VENV/bin/ruff" check --quiet .
+  "$VENV/bin/mypy" --no-error-summary
+}
+
 case "${1:-}" in
   demo)
     setup_venv
     export PATH="$PWD/$VENV/bin:$PATH"
     exec bash scripts/demo.sh "${@:2}"
     ;;
+  lint)
+    setup_venv
+    lint
+    ;;
   test)
     setup_venv
+    lint
     start_services
     ensure_chromium
     export PATH="$PWD/$VENV/bin:$PATH"
     exec python -m pytest -q "${@:2}"
     ;;
   *)
-    echo "usage: bash run.sh demo | bash run.sh test [pytest args]" >&2
+    echo "usage: bash run.sh demo | bash run.sh test [pytest args] | bash run.sh lint" >&2
     exit 2
     ;;
 esac
