@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import and_, func, literal, or_, select, update
+from sqlalchemy import CursorResult, and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.db.models import (
@@ -286,13 +286,13 @@ class Lifecycle(Generic[Row]):
             .values(lease_expires_at=now or utcnow())
             .execution_options(synchronize_session=False)
         )
-        return int(session.execute(stmt).rowcount)
+        return int(cast(CursorResult[Any], session.execute(stmt)).rowcount)
 
     # -- helpers -----------------------------------------------------------------------------
     def _update(self, session: Session, *where: Any, **values: Any) -> bool:
         """One conditional UPDATE of one row; True if it applied."""
         stmt = update(self.model).where(*where).values(**values).execution_options(synchronize_session=False)
-        return session.execute(stmt).rowcount == 1
+        return cast(CursorResult[Any], session.execute(stmt)).rowcount == 1
 
     def _terminal(self, session: Session, row_id: str, status: str) -> None:
         if not self._terminal_hooks:

@@ -139,7 +139,7 @@ class Supervisor:
                 preexec_fn=_die_with_parent,
             )
         finally:
-            if stderr_file is not subprocess.DEVNULL:
+            if not isinstance(stderr_file, int):  # DEVNULL is an int
                 stderr_file.close()
         stdout_errors: list[Event] = []
         drain = threading.Thread(target=_drain, args=(self.proc, stdout_errors), daemon=True)
