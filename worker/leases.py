@@ -18,6 +18,7 @@ from sqlalchemy import and_, literal, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import CANCELLED, QUEUED, RUNNING, Job, UTCDateTime, utcnow
+from api.webhooks.outbox import enqueue_terminal_event
 
 SessionFactory = sessionmaker[Session]
 
@@ -166,7 +167,7 @@ def finish(
         .execution_options(synchronize_session=False)
     )
     with session_factory() as session, session.begin():
-        return session.execute(stmt).rowcount == 1
+        return session.execute(stmt).rowcount == 1 and enqueue_terminal_event(session, job_id, status) >= 0
 
 
 def cancel_expired(session_factory: SessionFactory, job_id: str, *, now: datetime | None = None) -> bool:
@@ -184,4 +185,4 @@ def cancel_expired(session_factory: SessionFactory, job_id: str, *, now: datetim
         .execution_options(synchronize_session=False)
     )
     with session_factory() as session, session.begin():
-        return session.execute(stmt).rowcount == 1
+        return session.execute(stmt).rowcount == 1 and enqueue_terminal_event(session, job_id, CANCELLED) >= 0

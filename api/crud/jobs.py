@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.db.models import CANCELLED, QUEUED, RUNNING, Job, JobEvent, new_id, utcnow
+from api.webhooks.outbox import enqueue_terminal_event
 
 
 class IdempotencyConflict(Exception):
@@ -143,6 +144,7 @@ def request_cancel(*, session: Session, job: Job) -> bool:
     )
     if cancelled.rowcount == 1:
         add_event(session=session, job_id=job.id, type="cancelled", message="job cancelled before it started")
+        enqueue_terminal_event(session, job, CANCELLED)
     else:
         flagged = session.execute(
             update(Job).where(Job.id == job.id, Job.status == RUNNING).values(cancel_requested=True)
