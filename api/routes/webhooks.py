@@ -26,7 +26,7 @@ def _get_or_404(session: SessionDep, tenant: CurrentTenant, webhook_id: str) -> 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=error_responses(429, s429="the tenant has AKL_MAX_WEBHOOKS webhooks already"),
+    responses=error_responses(413, 429, s429="the tenant has AKL_MAX_WEBHOOKS webhooks already"),
 )
 def create_webhook(
     body: WebhookCreate, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep
