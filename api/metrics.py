@@ -89,11 +89,22 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "<unmatched>"
+            route = route_template(scope)
             method = scope.get("method", "")
             self.metrics.request_seconds.labels(
                 method if method in METHODS else "other", route, str(status[0])
             ).observe(time.perf_counter() - start)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's full path template (``/v1/jobs/{job_id}``); ``<unmatched>`` for none.
+
+    Recent FastAPI versions keep included routers nested: ``scope["route"]`` is then the inner route with
+    its path relative to the router's prefix, and the full template is in the effective route
+    context. Older versions flatten routes, so ``scope["route"].path`` is already the full path."""
+    context = (scope.get("fastapi") or {}).get("effective_route_context")
+    path = getattr(context, "path", None) or getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) and path else "<unmatched>"
 
 
 def _seconds_between(later: Any, earlier: Any, dialect: str) -> Any:
