@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Sequence
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -23,7 +24,7 @@ def count_webhooks(*, session: Session, tenant_id: int) -> int:
     )
 
 
-def create_webhook(*, session: Session, tenant_id: int, url: str, events: list[str]) -> Webhook:
+def create_webhook(*, session: Session, tenant_id: int, url: str, events: Sequence[str]) -> Webhook:
     """Add (not commit) a webhook with a new secret."""
     row = Webhook(tenant_id=tenant_id, url=url, events=list(events), secret=new_secret())
     session.add(row)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,7 +25,7 @@ class WebhookCreate(BaseModel):
         examples=["https://example.com/hooks/akl"],
     )
     events: list[EventType] = Field(
-        default_factory=lambda: list(EVENT_TYPES),
+        default_factory=lambda: cast(list[EventType], list(EVENT_TYPES)),
         min_length=1,
         max_length=16,
         description="event types to deliver (default: all job events)",

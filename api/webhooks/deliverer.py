@@ -61,6 +61,7 @@ class Deliverer:
         self._pool: ThreadPoolExecutor | None = None
         self._poller: threading.Thread | None = None
         self._in_flight: set[Future[None]] = set()
+        self._lock = threading.Lock()  # guards _in_flight (the poller adds, senders remove)
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.settings.webhooks_concurrency, thread_name_prefix="webhooks")
@@ -74,7 +75,9 @@ class Deliverer:
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout)
-        wait(list(self._in_flight), timeout=timeout)
+        with self._lock:
+            in_flight = list(self._in_flight)
+        wait(in_flight, timeout=timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -107,13 +110,15 @@ class Deliverer:
             if claimed is None:  # another deliverer (thread or process) took it
                 continue
             future = self._pool.submit(self._deliver, claimed)
-            self._in_flight.add(future)
+            with self._lock:
+                self._in_flight.add(future)
             future.add_done_callback(self._done)
             dispatched += 1
         return dispatched
 
     def _done(self, future: Future[None]) -> None:
-        self._in_flight.discard(future)
+        with self._lock:
+            self._in_flight.discard(future)
         self._slots.release()
         if future.exception() is not None:
             log.error("webhook delivery failed unexpectedly", exc_info=future.exception())
