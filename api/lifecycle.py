@@ -40,6 +40,7 @@ from api.db.models import (
     UTCDateTime,
     utcnow,
 )
+from api.webhooks.outbox import enqueue_terminal_event
 
 Row = TypeVar("Row")
 TerminalHook = Callable[[Session, Any, str], None]  # (session, row, status)
@@ -303,5 +304,8 @@ class Lifecycle(Generic[Row]):
 
 
 JOBS: Lifecycle[Job] = Lifecycle(Job, JobEvent, "job_id")
+# A job that ends notifies its tenant's webhooks: the outbox row is written in the same transaction
+# as the terminal UPDATE, so it exists exactly when the job ended (api/webhooks/outbox.py).
+JOBS.on_terminal(enqueue_terminal_event)
 
 __all__ = ["CANCELLED", "FAILED", "JOBS", "QUEUED", "RUNNING", "SUCCEEDED", "Lease", "Lifecycle"]

@@ -52,6 +52,27 @@ class Settings(BaseSettings):
         1 * MiB, ge=1024, description="a list page stops early (has_more) once its items pass this"
     )
 
+    # Webhooks (api/webhooks/): the deliverer runs in every API process; the outbox is the database.
+    max_webhooks: int = Field(20, ge=1, description="webhooks per tenant (429)")
+    webhooks_deliver: bool = Field(True, description="run the webhook deliverer in this API process")
+    webhooks_allow_private: bool = Field(
+        False, description="allow loopback and private (RFC 1918, fc00::/7) webhook targets; tests only"
+    )
+    webhooks_timeout_s: float = Field(10.0, gt=0, le=60, description="per connect, read and write of a try")
+    webhooks_max_attempts: int = Field(8, ge=1, le=50, description="tries of one delivery before it fails")
+    webhooks_backoff_s: float = Field(5.0, gt=0, description="wait before the first retry; doubles after")
+    webhooks_backoff_max_s: float = Field(3600.0, gt=0, description="longest wait between two tries")
+    webhooks_poll_s: float = Field(1.0, gt=0, le=60, description="how often the deliverer looks for work")
+    webhooks_concurrency: int = Field(4, ge=1, le=64, description="deliveries sent at once per API process")
+    webhooks_lease_s: float = Field(
+        0.0, ge=0, description="how long a claimed delivery stays one deliverer's; default 4 x timeout + 30 s"
+    )
+    # Prometheus (api/metrics.py): never served on the API's port.
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve Prometheus metrics on this port (unset: off)"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics server")
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         root = self.data_root
@@ -62,6 +83,12 @@ class Settings(BaseSettings):
         self.models_root = self.models_root or root / "models"
         self.artifacts_root = self.artifacts_root or root / "artifacts"
         self.files_root = self.files_root or root / "files"
+        # A try (connect, TLS, write, read) ends within 3 x the timeout (api/webhooks/sender.py);
+        # the lease must outlast it, or a second deliverer could send the same event meanwhile.
+        if not self.webhooks_lease_s:
+            self.webhooks_lease_s = 4 * self.webhooks_timeout_s + 30
+        if self.webhooks_lease_s <= 3 * self.webhooks_timeout_s:
+            raise ValueError("AKL_WEBHOOKS_LEASE_S must be more than 3 x AKL_WEBHOOKS_TIMEOUT_S")
         if self.environment == "production":
             if self.database_url.startswith("sqlite"):
                 raise ValueError("AKL_DATABASE_URL must point at PostgreSQL when AKL_ENVIRONMENT=production")

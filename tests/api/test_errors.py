@@ -135,6 +135,11 @@ ROUTE_ERRORS = {
     ("get", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"): {404},
     ("get", "/v1/jobs/{job_id}/model"): {404},
     ("get", "/v1/spec/schema"): set(),
+    ("post", "/v1/webhooks"): {413, 429},
+    ("get", "/v1/webhooks"): set(),
+    ("get", "/v1/webhooks/{webhook_id}"): {404},
+    ("delete", "/v1/webhooks/{webhook_id}"): {404},
+    ("get", "/v1/webhooks/{webhook_id}/attempts"): {404},
 }
 
 

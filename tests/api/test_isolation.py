@@ -45,7 +45,7 @@ def test_every_route_needs_a_valid_key(
         {"Authorization": headers["Authorization"].replace("Bearer", "Basic")},
     ]
     for method, path in _routes(settings):
-        url = path.format(job_id="job-x", file_id="file-x", checkpoint_id="ckpt-x")
+        url = path.format(job_id="job-x", file_id="file-x", checkpoint_id="ckpt-x", webhook_id="wh-x")
         for bad in bad_keys:
             response = client.request(method, url, headers=bad)
             assert response.status_code == 401, (method, path, bad, response.text)
@@ -62,12 +62,13 @@ def test_revoked_keys_are_refused(client: TestClient, headers: dict[str, str], d
 
 @pytest.fixture
 def owned(client: TestClient, headers: dict[str, str], db: Session) -> dict[str, str]:
-    """A file, a job and a checkpoint of tenant acme."""
+    """A file, a job, a checkpoint and a webhook of tenant acme."""
     file_id = upload(client, headers).json()["id"]
     job_id = client.post("/v1/jobs", headers=headers, json=job_body(data={"train": file_id})).json()["id"]
     db.add(JobCheckpoint(id="ckpt-acme", job_id=job_id, step=1, path="final", is_final=True))
     db.commit()
-    return {"file_id": file_id, "job_id": job_id, "checkpoint_id": "ckpt-acme"}
+    hook = client.post("/v1/webhooks", headers=headers, json={"url": "https://93.184.216.34/h"}).json()["id"]
+    return {"file_id": file_id, "job_id": job_id, "checkpoint_id": "ckpt-acme", "webhook_id": hook}
 
 
 def test_another_tenants_ids_are_404_on_every_route(
@@ -86,7 +87,8 @@ def test_another_tenants_ids_are_404_on_every_route(
     # Nothing changed for the owner (the intruder's DELETE and cancel did nothing) ...
     assert client.get(f"/v1/files/{owned['file_id']}", headers=headers).status_code == 200
     assert client.get(f"/v1/jobs/{owned['job_id']}", headers=headers).json()["status"] == "queued"
+    assert client.get(f"/v1/webhooks/{owned['webhook_id']}", headers=headers).status_code == 200
     # ... and the lists show the intruder nothing of acme's.
-    for url in ("/v1/jobs", "/v1/files"):
+    for url in ("/v1/jobs", "/v1/files", "/v1/webhooks"):
         assert client.get(url, headers=intruder).json()["data"] == []
         assert len(client.get(url, headers=headers).json()["data"]) == 1

@@ -57,6 +57,20 @@ def test_compose_services_healthchecks_and_order():
     assert set(COMPOSE["volumes"]) >= {"pgdata", "data"}
 
 
+def test_compose_prometheus_profile_scrapes_the_unpublished_metrics_port():
+    prometheus = COMPOSE["services"]["prometheus"]
+    assert prometheus["profiles"] == ["metrics"]  # optional: not started by a plain `up`
+    host_config, container_config = prometheus["volumes"][0].split(":")[:2]
+    assert container_config == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((REPO / host_config).read_text())
+    [job] = config["scrape_configs"]
+    api = COMPOSE["services"]["api"]
+    port = int(api["environment"]["AKL_METRICS_PORT"])
+    assert job["dns_sd_configs"][0]["names"] == ["api"] and job["dns_sd_configs"][0]["port"] == port
+    assert all(str(port) not in mapping for mapping in api["ports"])  # never published to tenants
+    assert all(mapping.startswith("127.0.0.1:") for mapping in prometheus["ports"])
+
+
 def test_compose_targets_exist_and_settings_validate_in_production():
     targets = set(re.findall(r"^FROM \S+ AS (\w+)", DOCKERFILE, flags=re.M))
     for name, service in COMPOSE["services"].items():
@@ -69,6 +83,7 @@ def test_compose_targets_exist_and_settings_validate_in_production():
     env["AKL_ALLOW_HUB"] = "false"
     settings = Settings(**{k.removeprefix("AKL_").lower(): v for k, v in env.items()})
     assert settings.environment == "production" and settings.broker_url.startswith("redis://")
+    assert settings.metrics_port == 9100 and not settings.webhooks_allow_private
 
 
 def test_compose_config_validates_when_docker_compose_is_installed(tmp_path: Path):
