@@ -105,7 +105,7 @@ def chunk_loop(
             )
         # write the gradient straight into the result when it is an fp32 slice of it
         direct = grad is not None and isinstance(sel, slice) and grad.dtype == torch.float32
-        loss, g, st = per_chunk(chunk, grad[sel] if direct else None)
+        loss, g, st = per_chunk(chunk, grad[sel] if direct and grad is not None else None)
         loss_sum += loss.sum()
         for k, v in st.items():
             stats[k] = stats[k] + v if k in stats else v

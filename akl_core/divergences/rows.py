@@ -83,7 +83,7 @@ class Rows:
     def dot_d(self, x: Tensor) -> Tensor:
         """Row sums of x * d for x in {p, q}; 0 * -inf counts 0 in safe mode."""
         if self._d is None and not self.safe:  # x . delta + c sum(x): no pass to build d
-            return torch.mul(x, self._delta, out=self.buf("xd")).sum(-1) + self.c * x.sum(-1)
+            return torch.mul(x, self.delta, out=self.buf("xd")).sum(-1) + self.c * x.sum(-1)
         terms = torch.mul(x, self.d, out=self.buf("xd"))
         if self.safe:
             terms.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)

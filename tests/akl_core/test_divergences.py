@@ -215,7 +215,7 @@ def test_all_head_stages_match_reference(monkeypatch):
 
 
 def _head_by_sort(s: torch.Tensor, t: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_head, head_size) per row straight from AKL.md: full sort of p, float64."""
+    """(g_head, head_size) per row straight from docs/method.md: full sort of p, float64."""
     p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
     p_sorted, idx = p.sort(-1, descending=True)
     head = p_sorted.cumsum(-1) <= mu
