@@ -213,6 +213,11 @@ def _akl_r(rows: Rows, opts: DivergenceOptions, out: Tensor | None):
     return _akl_parts(rows, opts.mu, out, swap=True)
 
 
+# The rarely used losses keep closed-form gradients too: autograd through definitions.py (per
+# chunk, then torch.autograd.grad) measured slower, fwd + bwd at N = 1024, V = 32000, 1 thread
+# (issue 11): skl 1.91x, srkl 2.21x, tvd 1.71x, jsd 2.60x the closed forms.
+
+
 def _skl(rows: Rows, opts: DivergenceOptions, out: Tensor | None):
     lp = rows.lp
     loss, lm = definitions.skl(rows.p, lp, rows.lq, opts.lam)
