@@ -1,4 +1,4 @@
-"""Evaluation by the protocol of shared/AKL.md (inherited from MiniLLM).
+"""Evaluation by the protocol of docs/method.md (inherited from MiniLLM).
 
 - Rouge-L: sample a response per prompt (temperature, top_p, top_k) for each seed; F-measure of
   rouge_score's RougeScorer(['rougeL'], use_stemmer=True), max over references, mean over

@@ -106,25 +106,26 @@ def fused_grad_in_forward(forward: Callable) -> type[torch.autograd.Function]:
     """An autograd Function over ``forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)``,
     which returns (loss_sum, num_tokens, stats, (grad_h, grad_w, grad_b)): the gradients wrt the
     student's hidden states, lm_head weight and bias are made in forward and handed back once
-    (``scaled_once``). The torch path and the Triton kernel (akl_core/kernels/dispatch.py) share it."""
+    (``scaled_once``). ``apply(sh, sw, sb, th, tw, tb, labels, name, opts, caps)`` returns
+    (loss_sum, num_tokens, stats). The torch path and the Triton kernel
+    (akl_core/kernels/dispatch.py) share it."""
 
     class _FusedGrad(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps):
+        def forward(ctx, sh, sw, sb, th, tw, tb, labels, name, opts, caps):
             need = (sh.requires_grad, sw.requires_grad, sb is not None and sb.requires_grad)
             loss_sum, n, stats, grads = forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps)
             grad_h, grad_w, grad_b = grads
             ctx.grad_h = grad_h
             ctx.grad_w = None if grad_w is None else grad_w.to(sw.dtype)
             ctx.grad_b = None if grad_b is None else grad_b.to(sb.dtype)
-            extras["num_tokens"], extras["stats"] = n, stats
-            return loss_sum
+            return loss_sum, n, stats
 
         @staticmethod
         @torch.autograd.function.once_differentiable
-        def backward(ctx, grad_output):
+        def backward(ctx, grad_output, *_):
             grads = [scaled_once(ctx, attr, grad_output) for attr in ("grad_h", "grad_w", "grad_b")]
-            return (*grads, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
 
     return _FusedGrad
 
@@ -187,11 +188,10 @@ def compute_fused(
         return dispatch.compute_fused(name, sh, student_weight, sb, th, tw, tb, labels, opts, caps)
     wants_grad = sh.requires_grad or student_weight.requires_grad or (sb is not None and sb.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
-        extras: dict = {}
-        loss_sum = _FusedDivergence.apply(
-            sh, student_weight, sb, th, tw, tb, labels, name, opts, extras, caps
+        loss_sum, n, stats = _FusedDivergence.apply(
+            sh, student_weight, sb, th, tw, tb, labels, name, opts, caps
         )
-        return finish(loss_sum, extras["num_tokens"], extras["stats"])
+        return finish(loss_sum, n, stats)
     with torch.no_grad():
         loss_sum, n, stats, _ = _fused_forward(
             sh, student_weight, sb, th, tw, tb, labels, name, opts, (False, False, False), caps

@@ -11,10 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DIVERGENCES = ("fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd", "jsd")
-LOSS_NAMES = (*DIVERGENCES, "sft")
-
-LossName = Literal["fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd", "jsd", "sft"]
+from akl_core.names import LossName
 
 # A model reference: "preset:NAME" (tiny, smollm2-135m-instruct), a local directory (resolved under
 # the models root), or "hf:ORG/NAME" (a hub id, refused unless the operator allows hub downloads).

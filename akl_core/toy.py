@@ -1,4 +1,4 @@
-"""The paper's toy experiment (shared/AKL.md, Figures 2 and 3): fit q = softmax(z) to a target p.
+"""The paper's toy experiment (docs/method.md, Figures 2 and 3): fit q = softmax(z) to a target p.
 
 Pure torch, float64, runs in well under a second. One Adam step on the full distribution is one
 "epoch". ``experiments/toy.py`` plots these runs; ``tests/akl_core/test_toy.py`` checks the
@@ -30,7 +30,7 @@ def fig2_targets() -> tuple[Tensor, dict[str, Tensor]]:
 def fig3_target(std: float = 16.0) -> tuple[Tensor, Tensor]:
     """K = 80 bins on x = arange(0, 100, 1.25): a normalized N(0, 16), read as std 16.
 
-    std 16 reproduces the numbers AKL.md quotes for this figure (std 4, i.e. variance 16, gives
+    std 16 reproduces the numbers docs/method.md quotes for this figure (std 4, i.e. variance 16, gives
     head gaps 3-4x larger and leaves RKL far from the target at step 300).
     """
     x = torch.arange(0, 100, 1.25, dtype=torch.float64)
@@ -100,7 +100,7 @@ def total_gap(p: Tensor, q: Tensor) -> float:
 def fig3(steps: int = 300, lr: float = 0.2, seed: int = 2, std: float = 16.0) -> dict[str, ToyRun]:
     """FKL and RKL runs of Fig. 3 from the same initial logits, snapshots at 1, 5, 10, 20, steps.
 
-    seed 2 reproduces AKL.md's numbers within 4% (step 10 top-10 gap FKL 0.068 / RKL 0.235,
+    seed 2 reproduces docs/method.md's numbers within 4% (step 10 top-10 gap FKL 0.068 / RKL 0.235,
     step 20 far-tail gap 0.0111 / 0.0041); other seeds agree within ~30% with the same orderings.
     """
     _, p = fig3_target(std)

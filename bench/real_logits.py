@@ -79,7 +79,7 @@ def teacher_stats(teacher: torch.Tensor, temperature: float) -> dict:
 
 
 def _head_sizes(teacher: torch.Tensor, temperature: float, mu: float = 0.5) -> torch.Tensor:
-    """AKL's head size per token from the full sort (shared/AKL.md): c_i <= mu, at least 1."""
+    """AKL's head size per token from the full sort (docs/method.md): c_i <= mu, at least 1."""
     sizes = []
     for t in teacher.split(256):
         cum = torch.softmax(t.float() / temperature, -1).sort(-1, descending=True).values.cumsum(-1)

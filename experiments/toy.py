@@ -1,4 +1,4 @@
-"""The paper's toy experiment (shared/AKL.md, Figures 2 and 3), with figures and gap numbers.
+"""The paper's toy experiment (docs/method.md, Figures 2 and 3), with figures and gap numbers.
 
   python experiments/toy.py            # ~10 s on one CPU core
 

@@ -10,7 +10,7 @@ in tiles of BLOCK tokens, in fp32:
    the student logits themselves: each element is read before it is overwritten, by the same
    program).
 
-The head (shared/AKL.md, ``divergences.head_gap``): sort p descending, token i is in the head when
+The head (docs/method.md, ``divergences.head.head_gap``): sort p descending, token i is in the head when
 its cumulative mass c_i <= mu; the top-1 token always is; tied tokens sort by index (the stable
 sort of tests/akl_core/test_divergences_reference.py). p is monotone in z_t, so the head is every
 token whose z_t lies above a threshold, plus the first few (by index) of one group of tokens

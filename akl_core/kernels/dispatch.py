@@ -1,6 +1,6 @@
 """When the Triton kernel replaces the PyTorch path, and its autograd wrappers.
 
-``compute`` and ``compute_fused`` (akl_core/divergences.py, akl_core/fused.py) ask ``wanted`` first:
+``compute`` and ``compute_fused`` (akl_core/divergences/, akl_core/fused.py) ask ``wanted`` first:
 the kernel runs for CUDA tensors when Triton is importable and the divergence is one it has
 (``SUPPORTED``). The environment variable ``AKL_TRITON`` overrides: ``0`` never, ``1`` on any
 device (CPU tensors then need ``TRITON_INTERPRET=1``: the tests). Everything else, and every
@@ -91,9 +91,8 @@ def compute(name: str, s: Tensor, t: Tensor, labels: Tensor, opts: DivergenceOpt
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
     if torch.is_grad_enabled() and s.requires_grad:
-        extras: dict = {}
-        loss_sum = _TritonDivergence.apply(s, t, labels, name, opts, extras)
-        return finish(loss_sum, extras["num_tokens"], extras["stats"])
+        loss_sum, n, stats = _TritonDivergence.apply(s, t, labels, name, opts)
+        return finish(loss_sum, n, stats)
     with torch.no_grad():
         loss_sum, _, n, stats = _forward(name, s, t, labels, opts, need_grad=False)
     return finish(loss_sum, n, stats)
@@ -173,9 +172,8 @@ def compute_fused(name, sh, sw, sb, th, tw, tb, labels, opts: DivergenceOptions,
     """``fused.compute_fused`` on (N, H) hidden states (checked, teacher detached) by the kernel."""
     wants_grad = sh.requires_grad or sw.requires_grad or (sb is not None and sb.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
-        extras: dict = {}
-        loss_sum = _TritonFused.apply(sh, sw, sb, th, tw, tb, labels, name, opts, extras, caps)
-        return finish(loss_sum, extras["num_tokens"], extras["stats"])
+        loss_sum, n, stats = _TritonFused.apply(sh, sw, sb, th, tw, tb, labels, name, opts, caps)
+        return finish(loss_sum, n, stats)
     with torch.no_grad():
         loss_sum, n, stats, _ = _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, (False,) * 3, caps)
     return finish(loss_sum, n, stats)

@@ -14,8 +14,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+# The presets and the built-in data splits come from akl_core itself: akl_core.models and
+# akl_core.data are torch-free at import (tests/akl_core/test_names.py, tests/api/test_jobs.py).
 from akl_core import models
-from akl_core.data import BUILTIN_REFS  # torch-free at import
+from akl_core.data import BUILTIN_REFS
 from akl_core.spec import JobSpec
 from api.core.config import Settings
 from api.crud import files as files_crud

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from akl_core import divergences
-from akl_core.divergences import NAMES, DivergenceOutput, compute
+from akl_core.divergences import NAMES, DivergenceOutput, compute, head
+from akl_core.divergences.rows import Rows
 
 try:
     from .test_divergences_reference import reference
@@ -139,11 +140,11 @@ def test_teacher_only_neg_inf_is_finite_and_exact(name):
 def _stage_log(monkeypatch) -> dict[str, int]:
     """Rows settled per stage of the head search: top1, blocks, buckets (the threshold stage), sort."""
     settled = {"top1": 0, "blocks": 0, "buckets": 0, "sort": 0}
-    one, blocks, buckets, of_sorted = (
-        divergences._head_of_one,
-        divergences._head_from_blocks,
-        divergences._head_from_threshold,
-        divergences._head_of_sorted,
+    one, blocks, buckets, by_sort = (
+        head._head_of_one,
+        head._head_from_blocks,
+        head._head_from_threshold,
+        head.head_gap_by_sort,
     )
 
     def spy_one(rows, mu, g_head, size, bmax):
@@ -161,16 +162,14 @@ def _stage_log(monkeypatch) -> dict[str, int]:
         settled["buckets"] += int(done.sum())
         return done
 
-    def spy_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact):
-        done = of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact)
-        if exact is None:
-            settled["sort"] += int(done.sum())
-        return done
+    def spy_sorted(p, q, mu):
+        settled["sort"] += p.shape[0]
+        return by_sort(p, q, mu)
 
-    monkeypatch.setattr(divergences, "_head_of_one", spy_one)
-    monkeypatch.setattr(divergences, "_head_from_blocks", spy_blocks)
-    monkeypatch.setattr(divergences, "_head_from_threshold", spy_buckets)
-    monkeypatch.setattr(divergences, "_head_of_sorted", spy_sorted)
+    monkeypatch.setattr(head, "_head_of_one", spy_one)
+    monkeypatch.setattr(head, "_head_from_blocks", spy_blocks)
+    monkeypatch.setattr(head, "_head_from_threshold", spy_buckets)
+    monkeypatch.setattr(head, "head_gap_by_sort", spy_sorted)
     return settled
 
 
@@ -198,10 +197,10 @@ def test_top1_shortcut_settles_peaked_rows(monkeypatch):
 def test_all_head_stages_match_reference(monkeypatch):
     # blocks of 2 tokens: V = 131 goes through the top-1 shortcut, 8 blocks, the logit histogram
     # from the block maxima (on V > 100, 128 buckets: at mu = 0.99 the flat rows overflow it), the full sort
-    monkeypatch.setattr(divergences, "_BLOCK", 2)
-    monkeypatch.setattr(divergences, "_TOPK_LAST", 100)
-    monkeypatch.setattr(divergences, "_NBUCKETS", 128)
-    monkeypatch.setattr(divergences, "_BLOCK_STAGES_BEFORE_BUCKETS", 1)  # keep the 8-block stage too
+    monkeypatch.setattr(head, "_BLOCK", 2)
+    monkeypatch.setattr(head, "_TOPK_LAST", 100)
+    monkeypatch.setattr(head, "_NBUCKETS", 128)
+    monkeypatch.setattr(head, "_BLOCK_STAGES_BEFORE_BUCKETS", 1)  # keep the 8-block stage too
     settled = _stage_log(monkeypatch)
     s, t, labels, opts = make_case("odd", seed=5)
     for scale, mu in ((6.0, 0.5), (2.0, 0.5), (0.4, 0.5), (0.05, 0.5), (0.05, 0.99)):
@@ -216,7 +215,7 @@ def test_all_head_stages_match_reference(monkeypatch):
 
 
 def _head_by_sort(s: torch.Tensor, t: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_head, head_size) per row straight from AKL.md: full sort of p, float64."""
+    """(g_head, head_size) per row straight from docs/method.md: full sort of p, float64."""
     p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
     p_sorted, idx = p.sort(-1, descending=True)
     head = p_sorted.cumsum(-1) <= mu
@@ -233,14 +232,14 @@ def test_threshold_stage_matches_full_sort_per_row(monkeypatch, temperature, mu,
     # small); every row's head must be the full sort's, exactly
     settled = _stage_log(monkeypatch)
     g = _gen(7)
-    v = divergences._TOPK_LAST + 1003  # not a multiple of _BLOCK: a short last block
+    v = head._TOPK_LAST + 1003  # not a multiple of _BLOCK: a short last block
     t = torch.randn(24, v, generator=g) * torch.linspace(*spread, 24)[:, None]
     t[::5, 17] += 9.0  # a few peaked rows (top-1 shortcut)
     s = t + torch.randn(24, v, generator=g)
     opts = divergences.DivergenceOptions(temperature=temperature, mu=mu)
     z_s, z_t = s / temperature, t / temperature
-    rows = divergences._Rows(z_s, z_t, False, divergences.Workspace(24, v, s.device), blocks=True)
-    g_head, size = divergences.head_gap(rows, opts.mu)
+    rows = Rows(z_s, z_t, False, divergences.Workspace(24, v, s.device), blocks=True)
+    g_head, size = head.head_gap(rows, opts.mu)
     ref_gap, ref_size = _head_by_sort(z_s, z_t, mu)
     assert settled["buckets"] > 0
     torch.testing.assert_close(size.double(), ref_size, rtol=0, atol=0)

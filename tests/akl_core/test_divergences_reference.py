@@ -1,4 +1,4 @@
-"""A float64 reference for every divergence, written straight from the formulas in shared/AKL.md.
+"""A float64 reference for every divergence, written straight from the formulas in docs/method.md.
 
 Sort-based, unchunked, plain autograd: slow and obviously right. The other test files compare
 akl_core.divergences and akl_core.fused against ``reference``. The few tests here pin the

@@ -116,9 +116,10 @@ def test_fused_shape_errors():
 
 def test_fused_matmul_chunks_with_divergence_sub_chunks(monkeypatch):
     # automatic sizes: matmul chunks of 8 tokens, each split into divergence chunks of 3
-    from akl_core import divergences, fused
+    from akl_core import fused
+    from akl_core.divergences import chunked
 
-    monkeypatch.setitem(divergences._AUTO_CHUNK_ELEMENTS, "cpu", 3 * V)
+    monkeypatch.setitem(chunked._AUTO_CHUNK_ELEMENTS, "cpu", 3 * V)
     monkeypatch.setattr(fused, "_MATMUL_CHUNK_ELEMENTS", 8 * V)
     args = _setup(seed=4)
     ref, ref_grads = _unfused("akl", *args, chunk_size=10_000)

@@ -1,4 +1,4 @@
-"""The paper's toy experiment (AKL.md, Figures 2 and 3): claims 1 and 2."""
+"""The paper's toy experiment (docs/method.md, Figures 2 and 3): claims 1 and 2."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_fig3_matches_the_numbers_of_akl_md(fig3_runs):
     # step 20, far tail (bins 37+): FKL 0.0108 vs RKL 0.0040 (RKL fits the far tail first)
     assert toy.far_tail_gap(p, fkl[20]) == pytest.approx(0.0108, rel=0.15)
     assert toy.far_tail_gap(p, rkl[20]) == pytest.approx(0.0040, rel=0.15)
-    # both converge by step 300 (AKL.md says < 1e-3 total; this run gives 1.0e-3 / 1.5e-3)
+    # both converge by step 300 (docs/method.md says < 1e-3 total; this run gives 1.0e-3 / 1.5e-3)
     for snaps in (fkl, rkl):
         assert toy.total_gap(p, snaps[0]) > 1.0
         assert toy.total_gap(p, snaps[300]) < 2e-3

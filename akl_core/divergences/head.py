@@ -1,0 +1,263 @@
+"""AKL's head: which tokens are the head, and the gap |p - q| summed over them.
+
+The definition (docs/method.md): sort p descending, cumulative sums c_i; token i is in the head
+when c_i <= mu, and the top-1 token always is. ``head_gap_by_sort`` is that definition, plainly.
+``head_gap`` is the same as ``head_gap_by_sort``, without the sort of the whole vocabulary: the
+head is a prefix of the sorted p, so it is enough to sort (or bucket) the few tokens that can
+precede the boundary (tests/akl_core/test_divergences.py compares the two row by row).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from akl_core.divergences.rows import Rows
+
+# AKL's head candidates: the 8, then 64, blocks of _BLOCK tokens with the largest logits (head_gap).
+# Blocks of 8: their maxima are fine enough for the threshold stage (_head_from_threshold) to
+# reach mass mu on real rows at T = 2 (heads of ~1250 tokens); with blocks of 64 it rarely could.
+_BLOCK, _BLOCKS = 8, (8, 64)
+# with the threshold stage after them (V > _TOPK_LAST) no block stage pays: on real logits the
+# threshold stage settles every row the 8-block stage would, for less (bench/divergences.py)
+_BLOCK_STAGES_BEFORE_BUCKETS = 0
+_TOPK_LAST = 4096  # then the threshold stage (for V > this; see _head_from_threshold), then a full sort
+# the threshold stage's histogram of block maxima: buckets of z_max - b (nats), the last open
+_BUCKET_WIDTH, _NBUCKETS = 1.0 / 64, 1024
+# then a fine histogram of the tokens above that threshold (_head_of_candidates)
+_FINE_WIDTH, _NFINE = 1.0 / 256, 4096
+
+
+def block_max(z: Tensor) -> Tensor:
+    """Largest logit of each block: (R, nb), nb = ceil(V / _BLOCK).
+
+    Block j holds the tokens j, j + nb, ..., j + (_BLOCK - 1) nb (those below V): strided, so
+    the maximum runs over a leading dimension, which on CPU measured 10-25x faster than over 8
+    adjacent tokens (and as fast as one amax of the row).
+    """
+    r, v = z.shape
+    nb = -(-v // _BLOCK)
+    full = v // nb  # complete slabs of nb tokens
+    m = z[:, : full * nb].unflatten(1, (full, nb)).amax(1)
+    if full * nb < v:  # a short last slab
+        tail = z[:, full * nb :]
+        torch.maximum(m[:, : tail.shape[1]], tail, out=m[:, : tail.shape[1]])
+    return m
+
+
+def block_cols(block: Tensor, v: int) -> Tensor:
+    """Columns of the tokens of ``block`` (any shape): (..., _BLOCK); those >= V are not tokens."""
+    nb = -(-v // _BLOCK)
+    return block[..., None] + nb * torch.arange(_BLOCK, device=block.device)
+
+
+def head_gap(rows: Rows, mu: float) -> tuple[Tensor, Tensor]:
+    """(g_head, head_size) per row: the same as ``head_gap_by_sort(rows.p, rows.q, mu)``, without
+    the full sort.
+
+    The head is a prefix of the sorted p. Split the vocabulary into blocks of _BLOCK tokens
+    (``block_max``) and take as candidates the blocks with the largest teacher logits: every
+    token above the largest logit of the other blocks is among them, so the sorted candidates
+    above that bound are exactly the top of the full sort, and a row is settled when its
+    boundary (the first c_i > mu) lies in that exact prefix. Stages: rows with top-1 p > mu
+    (head = top-1); then (V <= _TOPK_LAST) the top 64 tokens of 8 blocks and the top 512 of 64
+    blocks, or (larger V) the tokens above a threshold from the block maxima
+    (``_head_from_threshold``); then ``head_gap_by_sort`` on the rows left.
+    """
+    n, v = rows.p.shape
+    g_head = rows.p.new_zeros(n)
+    size = rows.p.new_zeros(n)
+    todo = torch.arange(n, device=rows.p.device)
+    z = rows.z_t
+    nb = -(-v // _BLOCK)
+    if nb > _BLOCKS[0]:
+        bmax = rows.bmax if rows.bmax is not None else block_max(z)  # (R, nb)
+        todo = _head_of_one(rows, mu, g_head, size, bmax)
+        stages = _BLOCKS if v <= _TOPK_LAST else _BLOCKS[:_BLOCK_STAGES_BEFORE_BUCKETS]
+        for blocks, keep in zip(stages, (64, 512)[: len(stages)], strict=True):
+            if todo.numel() == 0 or nb <= blocks:
+                break
+            sub = todo.numel() < n
+            done = _head_from_blocks(rows, mu, g_head, size, todo, bmax[todo] if sub else bmax, blocks, keep)
+            todo = todo[~done]
+    if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: the tokens above a threshold
+        done = _head_from_threshold(rows, mu, g_head, size, todo, bmax)
+        todo = todo[~done]
+    if todo.numel() > 0:  # the rows left: the definition itself
+        g_head[todo], size[todo] = head_gap_by_sort(rows.p[todo], rows.q[todo], mu)
+    return g_head, size
+
+
+def _head_of_one(rows: Rows, mu: float, g_head: Tensor, size: Tensor, bmax: Tensor) -> Tensor:
+    """Rows whose top-1 p exceeds mu have a head of one token (most rows of an LLM teacher).
+
+    Its column from the block maxima: the best block, then the best token in it. Returns the
+    rows left to do.
+    """
+    n = rows.p.shape[0]
+    one = rows.p_max > mu
+    if not bool(one.any()):
+        return torch.arange(n, device=one.device)
+    block = bmax.argmax(-1, keepdim=True)  # (R, 1)
+    # (R, _BLOCK); a short block repeats column V - 1 (below the row's largest logit or it)
+    cols = block_cols(block.squeeze(1), rows.p.shape[1]).clamp_(max=rows.p.shape[1] - 1)
+    col = cols.gather(-1, rows.z_t.gather(-1, cols).argmax(-1, keepdim=True))  # (R, 1)
+    gap = (rows.p.gather(-1, col) - rows.q.gather(-1, col)).abs_().squeeze(1)
+    g_head.copy_(torch.where(one, gap, 0.0))
+    size.copy_(one.to(size.dtype))
+    return (~one).nonzero().squeeze(1)
+
+
+def _head_of_sorted(p_top, q_top, mu, g_head, size, rows_idx, exact) -> Tensor:
+    """Fill g_head/size of the rows whose boundary lies in the exact prefix; return that mask.
+
+    p_top, q_top: (R, k) sorted by p descending; exact: (R, k) bool, or None for a full sort.
+    """
+    cum = p_top.cumsum(-1)
+    head = cum <= mu
+    head[:, 0] = True
+    done = torch.ones_like(head[:, 0]) if exact is None else (exact & (cum > mu)).any(-1)
+    gap = torch.where(head, (p_top - q_top).abs(), 0.0).sum(-1)
+    sel = rows_idx[done]
+    g_head[sel] = gap[done].to(g_head.dtype)
+    size[sel] = head[done].sum(-1).to(size.dtype)
+    return done
+
+
+def _head_from_threshold(
+    rows: Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor, bmax: Tensor
+) -> Tensor:
+    """Stage of head_gap for flat rows: a logit threshold from the block maxima, then only the
+    tokens above it (``_head_of_candidates``).
+
+    The same as the full sort, restricted to a prefix of it: every block maximum b is a distinct
+    token with z >= b, so L(tau) = sum of exp(b - lse) over the blocks with b >= tau is at most
+    the mass of the tokens with z >= tau. A histogram of the block maxima (buckets of
+    _BUCKET_WIDTH nats below the row's largest logit; the last, _NBUCKETS - 1, open) gives the
+    first tau with L(tau) > mu; then the tokens with z >= tau, which lie in the blocks with
+    b >= tau, are the top of the sorted row and hold the boundary (the first c_i > mu). Only
+    those tokens are gathered: from the blocks above tau, or by one compare over the rows when
+    most blocks qualify (flat rows, T = 2). Rows whose threshold falls in the open bucket or
+    whose sums round the other way are left undone (the full sort).
+    Returns the rows settled (a mask over ``todo``).
+    """
+    r, nb, v = todo.numel(), _NBUCKETS, rows.z_t.shape[1]
+    bm = bmax if r == rows.z_t.shape[0] else bmax.index_select(0, todo)  # (r, nblocks)
+    lse = rows.lse_t.index_select(0, todo)[:, None]
+    ids = (bm.amax(-1, keepdim=True) - bm).mul_(1.0 / _BUCKET_WIDTH).clamp_(0, nb - 1).to(torch.long)
+    ids += torch.arange(0, r * nb, nb, device=ids.device)[:, None]
+    lower = torch.bincount(ids.flatten(), weights=(bm - lse).exp_().flatten(), minlength=r * nb)
+    last = (lower.view(r, nb).cumsum(-1) <= mu).sum(-1, keepdim=True)  # first bucket with L > mu
+    ok = (last < nb - 1).squeeze(1)
+    inside = ids - torch.arange(0, r * nb, nb, device=ids.device)[:, None] <= last
+    tau = bm.masked_fill(~inside, math.inf).amin(-1)  # (r,) L(tau) > mu
+    # the candidates: the tokens with z >= tau of the blocks with b >= tau (flat, row by row)
+    loc, blk = ((bm >= tau[:, None]) & ok[:, None]).nonzero().unbind(1)  # (Mb,) row in todo, block
+    if loc.numel() * _BLOCK * 4 > r * v:  # flat rows (T = 2): one compare over them is cheaper
+        z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
+        loc, col = ((z_r >= tau[:, None]) & ok[:, None]).nonzero().unbind(1)
+        flat = todo.index_select(0, loc) * v + col
+        z = z_r[loc, col]
+    else:
+        cols = block_cols(blk, v)  # (Mb, _BLOCK)
+        flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
+        z = rows.z_t.take(flat)
+        keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
+        loc = loc.index_select(0, keep // _BLOCK)
+        flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
+    flat_p = rows.p.take(flat)
+    e = rows.q.take(flat).sub_(flat_p).abs_()  # |p - q|
+    return ok & _head_of_candidates(loc, z, flat_p.double(), e, bm.amax(-1), mu, g_head, size, todo)
+
+
+def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
+    """Head of rows given every token above a threshold whose mass exceeds mu, flat.
+
+    loc (M,): row (in todo) of each candidate, ascending; z, p (double), e = |p - q|: theirs.
+    The same as a sort of the candidates, without it: a fine histogram of z_max - z
+    (_FINE_WIDTH nats) gives each bucket's mass; the tokens of the buckets before the one where
+    the cumulative mass first exceeds mu are the head, and only that boundary bucket's few
+    tokens are sorted and cut by the cumulative rule. Returns the rows settled.
+    """
+    r, nf = todo.numel(), _NFINE
+    b = (z_max.index_select(0, loc) - z).mul_(1.0 / _FINE_WIDTH).clamp_(0, nf - 1).to(torch.long)
+    cum = torch.bincount(loc * nf + b, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
+    last = (cum <= mu).sum(-1, keepdim=True)  # (r, 1) the boundary bucket
+    ok = (last < nf).squeeze(1)
+    last = last.clamp_(max=nf - 1)
+    m0 = torch.where(last > 0, cum.gather(-1, (last - 1).clamp_(min=0)), 0.0).squeeze(1)
+    b_last = last.squeeze(1).index_select(0, loc)
+    before = (b < b_last).to(e.dtype)
+    n0 = torch.bincount(loc, weights=before, minlength=r)
+    g0 = torch.bincount(loc, weights=before.mul_(e), minlength=r)
+    # the boundary bucket's tokens, sorted per row ((r, k) padded with -inf)
+    at = (b == b_last).nonzero().squeeze(1)
+    loc, z, p, e = (x.index_select(0, at) for x in (loc, z, p, e))
+    count = torch.bincount(loc, minlength=r)
+    k = max(int(count.max()) if loc.numel() else 0, 1)
+    pos = (
+        loc * k
+        + torch.arange(loc.numel(), device=loc.device)
+        - (count.cumsum(0) - count).index_select(0, loc)
+    )
+    z_s, order = (
+        torch.full((r * k,), -math.inf, device=z.device)
+        .index_copy_(0, pos, z)
+        .view(r, k)
+        .sort(-1, descending=True)
+    )
+    pad = z_s == -math.inf
+    p_s = (
+        torch.zeros(r * k, dtype=p.dtype, device=p.device).index_copy_(0, pos, p).view(r, k).gather(-1, order)
+    )
+    e_s = (
+        torch.zeros(r * k, dtype=e.dtype, device=e.device).index_copy_(0, pos, e).view(r, k).gather(-1, order)
+    )
+    c = p_s.cumsum(-1) + m0[:, None]
+    head = (c <= mu) & ~pad
+    head[:, 0] |= n0 == 0  # the top-1 token is always in the head
+    done = ok & ((c > mu) & ~pad).any(-1)
+    sel = todo[done]
+    g_head[sel] = (g0 + torch.where(head, e_s, 0.0).sum(-1))[done].to(g_head.dtype)
+    size[sel] = (n0 + head.sum(-1))[done].to(size.dtype)
+    return done
+
+
+def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int) -> Tensor:
+    """One stage of head_gap over rows ``todo``, candidates from the top ``blocks`` blocks."""
+    v = rows.p.shape[1]
+    everything = todo.numel() == rows.p.shape[0]
+    top_b, bidx = bmax.topk(blocks + 1, dim=-1)  # (R, blocks + 1)
+    bound = top_b[:, -1:]  # the largest logit outside the candidate blocks
+    cols = block_cols(bidx[:, :-1], v).flatten(1)
+    inside = cols < v  # the last block may be short
+    cols = cols.clamp_(max=v - 1)
+
+    # gather the candidates straight from the full (R, V) tensors: copying the rows left
+    # (rows.p[todo], ...) cost more than the whole search
+    def pick(x: Tensor, c: Tensor) -> Tensor:
+        return x.gather(-1, c) if everything else x[todo[:, None], c]
+
+    cand = pick(rows.z_t, cols).masked_fill_(~inside, -math.inf)
+    cand, order = cand.topk(min(keep, cand.shape[1]), dim=-1)  # sorted; cheaper than a sort
+    cols = cols.gather(-1, order)
+    pad = cand == -math.inf
+    p_c = pick(rows.p, cols).masked_fill_(pad, 0.0)
+    q_c = pick(rows.q, cols).masked_fill_(pad, 0.0)
+    return _head_of_sorted(p_c, q_c, mu, g_head, size, todo, cand > bound)
+
+
+def head_gap_by_sort(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """(g_head, head_size) per row, by the definition: sort p, keep the prefix with c_i <= mu.
+
+    p, q: (R, V) probabilities. The reference ``head_gap`` is tested against, and its last stage.
+    """
+    p_sorted, idx = p.sort(-1, descending=True)
+    head = p_sorted.cumsum(-1) <= mu
+    head[:, 0] = True  # the top-1 token is always in the head (covers p_top1 > mu)
+    g_head = torch.where(head, (p_sorted - q.gather(-1, idx)).abs(), 0.0).sum(-1)
+    return g_head, head.sum(-1).to(p.dtype)
