@@ -230,6 +230,14 @@ _PER_TOKEN: dict[str, PerToken] = {
 # --------------------------------------------------------------------------------------------
 
 
+def teacher_log_probs(logprobs: Tensor, tail: Tensor, temperature: float) -> Tensor:
+    """The stored T = 1 teacher re-tempered over the k + 1 outcomes, the bucket as one outcome:
+    log_softmax((log p_K, log P_r) / T), (R, k + 1) fp32 (module docstring: exact at T = 1 up to
+    renormalisation, and for k = V; otherwise the bucket's tempered mass is approximate)."""
+    lp = torch.cat([logprobs.float(), tail.float()[:, None]], 1)
+    return torch.log_softmax(lp / temperature if temperature != 1.0 else lp, -1)
+
+
 def _student_bucket(z: Tensor, ids: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """(z_K (R, k), log-sum-exp of z outside K (R,)); z is overwritten with -inf on K and u
     receives softmax of what is left (0 on K; 0 on rows with nothing left)."""
@@ -276,10 +284,7 @@ def sparse_chunk(
     u = ws.get("u", r)
     z_k, lse_out = _student_bucket(z, ids, u)
     lq = torch.log_softmax(torch.cat([z_k, lse_out[:, None]], 1), -1)  # (R, k + 1)
-    # the T = 1 cache re-tempered over the k + 1 outcomes, the bucket as one (module docstring)
-    lp = torch.cat([logprobs.float(), tail.float()[:, None]], 1)
-    lp = torch.log_softmax(lp / t if t != 1.0 else lp, -1)
-    coarse = _Coarse(lp, lq)
+    coarse = _Coarse(teacher_log_probs(logprobs, tail, t), lq)
     loss, a, stats = _PER_TOKEN[name](coarse, opts, need_grad)
     if opts.all_stats:
         stats = dict(stats)

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from akl_core import divergences
+from akl_core import divergences, sparse
 from akl_core.divergences import NAMES, STAT_NAMES, DivergenceOutput, compute
 from akl_core.fused import compute_fused
-from akl_core.sparse import SPARSE_STAT_NAMES, compute_sparse, sparse_chunk
+from akl_core.sparse import SPARSE_STAT_NAMES, compute_sparse, sparse_chunk, teacher_log_probs
 from akl_core.sparse_fused import compute_sparse_fused
 
 try:
@@ -155,8 +155,10 @@ def make_case(kind: str, seed: int = 0):
         k = 1
     elif kind == "k_big":
         k = 120
-    elif kind == "extreme":  # Q_r far below fp32's smallest number on some rows: log space
+    elif kind == "extreme":  # logits far apart; Q_r below fp32's smallest number: log space
         scale = 40.0
+    elif kind in ("wide", "wide_inf"):
+        shape, scale, k = (4, 6, 1000), 2.0, 64
     elif kind == "flat_n":
         shape, scale = (17, 29), 0.2
     elif kind not in ("odd", "neg_inf"):
@@ -165,6 +167,18 @@ def make_case(kind: str, seed: int = 0):
     t = torch.randn(shape, generator=g) * scale
     if kind == "peaked":
         t[..., 3] += 15.0
+    if kind == "extreme":  # the student's mass all on the teacher's top-k: Q_r < exp(-150)
+        top = t[0].topk(k, -1).indices
+        s[0].scatter_add_(-1, top, torch.full(top.shape, 400.0))
+    if kind.startswith("wide"):  # rows of every kind: peaked, flat, a few strong tokens
+        t[0] += 12.0 * (torch.arange(shape[-1]) == 700)
+        t[1] *= 0.05
+        t[2, :, 100:140] += 4.0
+        t[3, :, ::97] += 6.0
+    if kind == "wide_inf":  # masked vocabulary in both; the top-64 holds none of it
+        for x in (s, t):
+            x[..., 960:] = -math.inf
+            x[..., 130:200] = -math.inf
     if kind == "neg_inf":  # a masked vocabulary slice, the same in teacher and student
         for x in (s, t):
             x[..., -9:] = -math.inf
@@ -189,6 +203,8 @@ CASES = (
     "k_big",
     "extreme",
     "flat_n",
+    "wide",
+    "wide_inf",
 )
 
 
@@ -269,6 +285,50 @@ def test_k_equals_v_is_the_dense_divergence(name, temperature):
     for key in STAT_NAMES:
         assert math.isclose(ours.stats[key], dense.stats[key], rel_tol=1e-4, abs_tol=1e-6), key
     assert ours.stats["head_truncated"] == 0.0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_retempers_the_cache_with_the_bucket_as_one_outcome(temperature):
+    # the documented approximation: the top-k's ratios are the dense tempered ones; the bucket's
+    # mass is below the true tempered one for T > 1, above for T < 1, equal at T = 1
+    _, t, _, _, _, _ = make_case("odd", seed=8)
+    t = t.reshape(-1, t.shape[-1])
+    ids, lp, tail = make_cache(t, 8)
+    ours = teacher_log_probs(lp, tail, temperature).double()
+    dense = torch.log_softmax(t.double() / temperature, -1)
+    dense_k = dense.gather(-1, ids)
+    ratios = ours[:, :-1] - ours[:, :1]
+    torch.testing.assert_close(ratios, dense_k - dense_k[:, :1], rtol=1e-5, atol=1e-5)
+    true_bucket = dense.scatter(-1, ids, -math.inf).logsumexp(-1)
+    # the mass of the top-k relative to the bucket, ours minus the truth
+    excess = (ours[:, :-1].logsumexp(-1) - ours[:, -1]) - (dense_k.logsumexp(-1) - true_bucket)
+    if temperature == 1.0:
+        torch.testing.assert_close(excess, torch.zeros_like(excess), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.exp().sum(-1), torch.ones_like(excess))
+    else:
+        assert ((excess > 1e-3) if temperature > 1 else (excess < -1e-3)).all()
+
+
+def test_memory_is_bounded_by_the_chunk(monkeypatch):
+    # every (rows, V) buffer of the chunked and fused paths holds at most chunk_size rows
+    sizes = []
+
+    class Recording(divergences.Workspace):
+        def __init__(self, rows, vocab, device):
+            sizes.append(rows)
+            super().__init__(rows, vocab, device)
+
+    from akl_core import sparse_fused
+
+    monkeypatch.setattr(sparse, "Workspace", Recording)
+    monkeypatch.setattr(sparse_fused, "Workspace", Recording)
+    s, t, labels, k, _, _ = make_case("odd")
+    cache = make_cache(t, k)
+    x = s.clone().requires_grad_()
+    compute_sparse("akl", x, *cache, labels, chunk_size=3).loss.backward()
+    h, w = torch.randn(21, 6, requires_grad=True), torch.randn(s.shape[-1], 6, requires_grad=True)
+    compute_sparse_fused("akl", h.view(3, 7, 6), w, *cache, labels, chunk_size=3).loss.backward()
+    assert sizes and max(sizes) == 3
 
 
 def _per_token(name, s, ids, lp, tail, **options):
