@@ -48,15 +48,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-# The dense module's public names, all imported here (akl_core/divergences.py may become a package).
+# The dense package's names this module builds on (the chunk loop, the workspace, the result).
 from akl_core.divergences import (
     STAT_NAMES,
     DivergenceOptions,
     DivergenceOutput,
     Workspace,
     check_name,
+    chunk_loop,
     chunk_rows,
-    chunk_selectors,
     finish,
     grad_in_forward,
 )
@@ -370,32 +370,17 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None, int, dict[str, Tensor]]:
     ids, lp, tail = teacher
     valid = labels != opts.ignore_index
-    all_valid = bool(valid.all())
     grad = None
     if need_grad:
-        grad = torch.empty_like(s) if all_valid else torch.zeros_like(s)
+        grad = torch.empty_like(s) if bool(valid.all()) else torch.zeros_like(s)
     rows = chunk_rows(opts, s.shape[-1], s.device, name)
     ws = Workspace(min(rows, s.shape[0]), s.shape[-1], s.device)
-    loss_sum = s.new_zeros((), dtype=torch.float32)
-    stats: dict[str, Tensor] = {}
-    for sel in chunk_selectors(valid, rows):
-        if isinstance(sel, slice):
-            s_c = s[sel]
-        else:  # gather the valid rows into a reused buffer
-            s_c = torch.index_select(s, 0, sel, out=ws.get("s_rows", sel.numel(), s.dtype))
-        # write the gradient straight into the result when it is an fp32 slice of it
-        direct = grad is not None and isinstance(sel, slice) and grad.dtype == torch.float32
-        loss, g, st = sparse_chunk(
-            name, s_c, ids[sel], lp[sel], tail[sel], opts, need_grad, ws, grad[sel] if direct else None
-        )
-        loss_sum += loss.sum()
-        for k, v in st.items():
-            stats[k] = stats[k] + v if k in stats else v
-        if grad is not None and not direct:
-            if isinstance(sel, slice):
-                grad[sel].copy_(g)
-            else:
-                grad.index_copy_(0, sel, g if g.dtype == grad.dtype else g.to(grad.dtype))
+
+    def per_chunk(chunk: tuple[Tensor, ...], out: Tensor | None):
+        s_c, ids_c, lp_c, tail_c = chunk
+        return sparse_chunk(name, s_c, ids_c, lp_c, tail_c, opts, need_grad, ws, out)
+
+    loss_sum, stats = chunk_loop(per_chunk, (s, ids, lp, tail), valid, rows, ws, grad)
     return loss_sum, grad, int(valid.sum()), stats
 
 
@@ -438,8 +423,7 @@ def compute_sparse(
     s = student_logits.reshape(-1, v)
     check_teacher_rows(teacher, v, labels != opts.ignore_index)
     if torch.is_grad_enabled() and s.requires_grad:
-        extras: dict = {}
-        loss_sum = _ChunkedSparse.apply(s, teacher, labels, name, opts, extras)
-        return finish(loss_sum, extras["num_tokens"], extras["stats"])
+        loss_sum, n, stats = _ChunkedSparse.apply(s, teacher, labels, name, opts)
+        return finish(loss_sum, n, stats)
     loss_sum, _, n, stats = _forward(name, s, teacher, labels, opts, need_grad=False)
     return finish(loss_sum, n, stats)

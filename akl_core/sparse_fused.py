@@ -137,9 +137,8 @@ def compute_sparse_fused(
     caps = (student_softcap, None)
     wants_grad = sh.requires_grad or sw.requires_grad or (sb is not None and sb.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
-        extras: dict = {}
-        loss_sum = _FusedSparse.apply(sh, sw, sb, teacher, None, None, labels, name, opts, extras, caps)
-        return finish(loss_sum, extras["num_tokens"], extras["stats"])
+        loss_sum, n, stats = _FusedSparse.apply(sh, sw, sb, teacher, None, None, labels, name, opts, caps)
+        return finish(loss_sum, n, stats)
     with torch.no_grad():
         loss_sum, n, stats, _ = _fused_forward(
             sh, sw, sb, teacher, None, None, labels, name, opts, (False, False, False), caps

@@ -584,7 +584,7 @@ def test_fused_equals_chunked(name):
 def test_fused_matmul_chunks_with_sub_chunks(monkeypatch):
     from akl_core import sparse_fused
 
-    monkeypatch.setitem(divergences._AUTO_CHUNK_ELEMENTS_HEAD, "cpu", 3 * V)
+    monkeypatch.setitem(divergences.chunked._AUTO_CHUNK_ELEMENTS_HEAD, "cpu", 3 * V)
     monkeypatch.setattr(sparse_fused, "_MATMUL_CHUNK_ELEMENTS", 8 * V)
     args = _setup(seed=4)
     _agree(*_fused("akl", *args), *_chunked("akl", *args, chunk_size=10_000))
