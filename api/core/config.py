@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     models_root: Path | None = Field(None, description="default: {data_root}/models")
     artifacts_root: Path | None = Field(None, description="default: {data_root}/artifacts")
     files_root: Path | None = Field(None, description="uploaded JSONL files; default: {data_root}/files")
+    caches_root: Path | None = Field(None, description="teacher caches; default: {data_root}/caches")
     allow_hub: bool = Field(False, description="allow hf:ORG/NAME model references")
     max_upload_bytes: int = Field(100 * MiB, ge=1, description="largest accepted upload")
     max_line_bytes: int = Field(1 * MiB, ge=1, description="largest accepted JSONL line")
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
         self.models_root = self.models_root or root / "models"
         self.artifacts_root = self.artifacts_root or root / "artifacts"
         self.files_root = self.files_root or root / "files"
+        self.caches_root = self.caches_root or root / "caches"
         if self.environment == "production":
             if self.database_url.startswith("sqlite"):
                 raise ValueError("AKL_DATABASE_URL must point at PostgreSQL when AKL_ENVIRONMENT=production")

@@ -135,6 +135,12 @@ ROUTE_ERRORS = {
     ("get", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"): {404},
     ("get", "/v1/jobs/{job_id}/model"): {404},
     ("get", "/v1/spec/schema"): set(),
+    ("post", "/v1/teacher_caches"): {403, 404},
+    ("get", "/v1/teacher_caches"): set(),
+    ("get", "/v1/teacher_caches/{cache_id}"): {404},
+    ("post", "/v1/teacher_caches/{cache_id}/cancel"): {404, 409},
+    ("delete", "/v1/teacher_caches/{cache_id}"): {404, 409},
+    ("get", "/v1/teacher_caches/{cache_id}/events"): {404},
 }
 
 
