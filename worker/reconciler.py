@@ -21,6 +21,7 @@ from sqlalchemy import Update, and_, or_, select, update
 
 from api.db.models import QUEUED, RUNNING, Job, JobEvent, utcnow
 from worker import leases
+from worker.cache_builds import reconcile_caches
 from worker.leases import SessionFactory
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ def reconcile(
     for job_id, enqueued_at in stale:
         if _requeue_stale(session_factory, job_id, enqueued_at, now, enqueue):
             report.requeued.append(job_id)
+    # Teacher-cache builds live on the same lifecycle (worker/cache_builds.py); their ids start "cache-".
+    expired_caches, cancelled_caches, requeued_caches = reconcile_caches(
+        session_factory, enqueue, now, requeue_after_s=requeue_after_s, limit=limit
+    )
+    report.expired += expired_caches
+    report.cancelled += cancelled_caches
+    report.requeued += requeued_caches
     return report
 
 
