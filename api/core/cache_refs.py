@@ -11,11 +11,13 @@ Two directions, both without torch:
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from akl_core.data import DataError, resolve_data_path  # torch-free at import
 from akl_core.spec import JobSpec
 from api.core.config import Settings
 from api.core.job_refs import (
@@ -127,26 +129,39 @@ def check_against_manifest(spec: JobSpec, row: TeacherCache, settings: Settings)
 def check_student_tokenizer(
     spec: JobSpec, row: TeacherCache, manifest: dict[str, Any], settings: Settings
 ) -> None:
-    """truncate and config students take the cache's teacher's tokenizer; a pretrained student
-    must have the same tokenizer digest as the manifest records."""
+    """truncate and config students take the cache's teacher's tokenizer. A pretrained student's
+    vocabulary size must be the cache's (read from config.json, without torch); its full
+    tokenizer digest is compared with the manifest's when the trainer loads it (tokenizer_mismatch)."""
     if spec.student.init != "pretrained" or spec.student.model is None:
         return
-    wanted = manifest.get("tokenizer_digest")
-    got = student_tokenizer_digest(spec.student.model, settings)
-    if wanted and got and wanted != got:
+    wanted = manifest.get("vocab_size")
+    got = teacher_vocab(spec.student.model, settings)
+    if isinstance(wanted, int) and got is not None and wanted != got:
         raise RefError(
             422,
             "student.model",
-            f"its tokenizer differs from the one teacher cache {row.id} was built with "
-            "(the cache stores token ids of that vocabulary)",
+            f"its vocabulary has {got} tokens but teacher cache {row.id} stores ids of a {wanted}-token "
+            "vocabulary; the student must share the cache's tokenizer",
         )
 
 
-def student_tokenizer_digest(ref: str, settings: Settings) -> str | None:
-    """The digest the cache manifest records, computed over the student's tokenizer files
-    without torch; None when it cannot be computed here (the trainer checks it then)."""
-    del ref, settings  # filled in from akl_core's torch-free digest when it exists
-    return None
+def check_data_digest(resolved_train: str, manifest: dict[str, Any], row: TeacherCache) -> None:
+    """The training file's bytes are the ones the cache was built on (sha256 in the manifest)."""
+    splits = manifest.get("splits")
+    train = splits.get("train") if isinstance(splits, dict) else None
+    wanted = train.get("sha256") if isinstance(train, dict) else None
+    if not isinstance(wanted, str):
+        return
+    try:
+        got = hashlib.sha256(resolve_data_path(resolved_train).read_bytes()).hexdigest()
+    except (OSError, DataError):
+        raise RefError(404, "data.train", "the training file is gone") from None
+    if got != wanted:
+        raise RefError(
+            422,
+            "data.train",
+            f"its bytes (sha256 {got[:12]}) are not those teacher cache {row.id} was built on",
+        )
 
 
 def resolve_cache_job(
@@ -157,9 +172,8 @@ def resolve_cache_job(
     check_device(spec, settings)
     row = usable_cache(spec, session=session, tenant_id=tenant_id)
     check_against_manifest(spec, row, settings)
-    resolve_data_ref(
-        spec.data.train, "data.train", "train", session=session, tenant_id=tenant_id
-    )  # still there
+    train = resolve_data_ref(spec.data.train, "data.train", "train", session=session, tenant_id=tenant_id)
+    check_data_digest(train, row.manifest or {}, row)
     check_student_layers(spec, _layers_or_none(row.teacher, settings))
     if spec.student.model is not None:
         check_model_ref(spec.student.model, "student.model", settings)

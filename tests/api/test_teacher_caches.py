@@ -3,6 +3,7 @@ teacher is ``cache:<id>`` checked against the cache's manifest (README, "Teacher
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -298,3 +299,35 @@ def test_a_cache_ref_must_be_an_id(client: TestClient, headers: dict[str, str]) 
     for teacher in ("cache:1/cache-abc", "cache:something"):
         response = client.post("/v1/jobs", headers=headers, json=job_body(teacher=teacher))
         assert response.status_code == 422 and "by its id" in response.json()["detail"], teacher
+
+
+def test_the_training_bytes_must_have_the_manifests_digest(
+    client: TestClient, headers: dict[str, str], db: Session
+) -> None:
+    from akl_core.data import resolve_data_path
+
+    digest = hashlib.sha256(resolve_data_path("demo:train").read_bytes()).hexdigest()
+    cache_id = client.post("/v1/teacher_caches", headers=headers, json=cache_body()).json()["id"]
+    built(db, cache_id, {"splits": {"train": {"data": "demo:train", "sha256": "0" * 64}}})
+    response = client.post("/v1/jobs", headers=headers, json=cache_job(cache_id))
+    assert response.status_code == 422 and response.json()["detail"].startswith("data.train: its bytes")
+    built(db, cache_id, {"splits": {"train": {"data": "demo:train", "sha256": digest}}})
+    assert client.post("/v1/jobs", headers=headers, json=cache_job(cache_id)).status_code == 201
+
+
+def test_a_pretrained_student_with_another_vocabulary_is_a_422(
+    client: TestClient, headers: dict[str, str], db: Session, settings: Settings
+) -> None:
+    cache_id = client.post("/v1/teacher_caches", headers=headers, json=cache_body()).json()["id"]
+    built(db, cache_id, {"vocab_size": 512})
+    for name, vocab in (("student-512", 512), ("student-999", 999)):
+        (settings.models_root / name).mkdir()
+        config = {"model_type": "llama", "vocab_size": vocab, "num_hidden_layers": 1}
+        (settings.models_root / name / "config.json").write_text(json.dumps(config))
+    wrong = cache_job(cache_id, student={"init": "pretrained", "model": "student-999"})
+    response = client.post("/v1/jobs", headers=headers, json=wrong)
+    assert response.status_code == 422 and response.json()["detail"].startswith(
+        "student.model: its vocabulary"
+    )
+    right = cache_job(cache_id, student={"init": "pretrained", "model": "student-512"})
+    assert client.post("/v1/jobs", headers=headers, json=right).status_code == 201
