@@ -26,6 +26,7 @@ ERROR_CODES = (
     "disk_full",
     "nan_loss",
     "no_gpu",
+    "invalid_cache",  # a teacher cache that is corrupt, truncated, or built for other data / settings
     "internal_error",
 )
 
