@@ -43,7 +43,7 @@ def create_cache(
     except RefError as exc:
         raise HTTPException(exc.status_code, f"{exc.field}: {exc.message}") from None
     assert settings.caches_root is not None
-    queue = queue_for("auto", settings)  # the teacher's forward wants the GPU when there is one
+    queue = queue_for(body.build.device, settings)  # auto: the gpu queue, as a job's
     row = caches_crud.create_cache(
         session=session,
         tenant_id=tenant.id,

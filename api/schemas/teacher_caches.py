@@ -4,52 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field
 
-from akl_core.spec import MODEL_REF_PATTERN, check_model_ref
+from akl_core.cache_spec import CacheSpec
 from api.db.models import TeacherCache, TeacherCacheEvent
 from api.schemas.common import PublicModel, unix
 
 CacheStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-MIN_TOP_K, MAX_TOP_K, DEFAULT_TOP_K = 1, 1024, 64
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CacheData(_Strict):
-    """The data the teacher reads: file ids or built-in splits, exactly as a job's ``data``; the
-    length settings are the ones a job that trains from the cache must use."""
-
-    train: str = Field(..., min_length=1, max_length=512)
-    validation: str | None = Field(None, min_length=1, max_length=512)
-    format: Literal["auto", "dolly", "prompt_response", "messages"] = "auto"
-    max_length: int = Field(256, ge=8, le=32768)
-    max_prompt_length: int = Field(128, ge=1, le=32768)
-
-    @model_validator(mode="after")
-    def _lengths(self) -> CacheData:
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("data.max_prompt_length must be smaller than data.max_length")
-        return self
-
-
-class TeacherCacheCreate(_Strict):
-    """``POST /v1/teacher_caches``: the teacher's top-k distribution over ``data``, stored once."""
-
-    teacher: str = Field(..., max_length=512, pattern=MODEL_REF_PATTERN)
-    data: CacheData
-    top_k: int = Field(
-        DEFAULT_TOP_K, ge=MIN_TOP_K, le=MAX_TOP_K, description="teacher tokens kept per position"
-    )
-
-    @field_validator("teacher")
-    @classmethod
-    def _no_traversal(cls, v: str) -> str:
-        if v.startswith("cache:"):
-            raise ValueError("teacher: a cache is built from a model, not from another cache")
-        return check_model_ref(v, "teacher")
+class TeacherCacheCreate(CacheSpec):
+    """``POST /v1/teacher_caches``: the cache spec (akl_core.cache_spec.CacheSpec). ``data.train``
+    and ``data.validation`` are file ids or built-in splits, as in a job; the length settings are
+    the ones a job that trains from the cache must use."""
 
 
 class CacheError(PublicModel):
