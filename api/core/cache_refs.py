@@ -60,6 +60,10 @@ def resolve_cache_request(
     body: TeacherCacheCreate, *, session: Session, tenant_id: int, settings: Settings
 ) -> dict[str, Any]:
     """Check a cache build request; return its resolved spec (file ids -> paths). Raises RefError."""
+    if body.build.device == "cuda" and not settings.gpu_workers:
+        raise RefError(
+            422, "build.device", "'cuda' but no worker of this service has a GPU; use 'auto' or 'cpu'"
+        )
     check_model_ref(body.teacher, "teacher", settings)
     vocab = teacher_vocab(body.teacher, settings)
     if vocab is not None and body.top_k > vocab:

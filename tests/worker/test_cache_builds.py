@@ -15,6 +15,7 @@ from api.db.models import (
     FAILED,
     QUEUED,
     SUCCEEDED,
+    Job,
     TeacherCache,
     TeacherCacheEvent,
     new_id,
@@ -175,3 +176,27 @@ def test_a_shutdown_gives_the_build_back(sf, make_cache, cache_ctx) -> None:
     assert (row.status, row.attempts, row.lease_owner) == (QUEUED, 0, None)
     assert cache_ctx.enqueue == [(cache_id, "cpu")]
     assert _events(sf, cache_id)[-2:] == ["stopped", "released"]
+
+
+def test_a_jobs_cache_id_resolves_to_the_cache_folder_or_fails_invalid_cache(
+    sf, make_cache, make_job, cache_ctx, tenant_id
+) -> None:
+    """The worker turns ``cache:<id>`` into ``cache:<tenant>/<id>`` (the trainer's reference);
+    a cache that is not built, deleted, or another tenant's fails the job with invalid_cache."""
+    from worker.leases import claim
+    from worker.specs import SpecError, resolve_spec
+
+    cache_id = make_cache({"shards": 1})
+    job_id = make_job()
+    with sf() as session, session.begin():
+        session.get_one(Job, job_id).spec = {"teacher": f"cache:{cache_id}", "data": {"train": "demo:train"}}
+    job = claim(sf, job_id, "w", lease_s=30)
+    with pytest.raises(SpecError, match="is queued, not built") as not_built:
+        resolve_spec(sf, job)
+    assert not_built.value.code == "invalid_cache"
+    assert build_cache(cache_id, cache_ctx) == SUCCEEDED
+    assert resolve_spec(sf, job)["teacher"] == f"cache:{tenant_id}/{cache_id}"
+    with sf() as session, session.begin():
+        session.get_one(TeacherCache, cache_id).deleted_at = utcnow()
+    with pytest.raises(SpecError, match="does not exist or was deleted"):
+        resolve_spec(sf, job)
