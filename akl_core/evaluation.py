@@ -174,12 +174,12 @@ def validation_losses(
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """val_ce (student CE) and val_kl (KL(teacher || student), T = 1): means over response tokens."""
-    from akl_core import data, divergences
+    from akl_core import batches, divergences
 
     ce = kl = tokens = 0.0
     for i in range(0, len(tokenized), batch_size):
         batch = {
-            k: v.to(device) for k, v in data.collate(list(tokenized[i : i + batch_size]), pad_id).items()
+            k: v.to(device) for k, v in batches.collate(list(tokenized[i : i + batch_size]), pad_id).items()
         }
         targets = batch["labels"][:, 1:]
         keep = targets != -100
