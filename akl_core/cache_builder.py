@@ -219,7 +219,7 @@ class _Teacher:
     @classmethod
     def load(cls, spec: CacheSpec, models_root, allow_hub) -> _Teacher:
         from akl_core import models
-        from akl_core.trainer import teacher_dtype
+        from akl_core.loading import teacher_dtype
 
         device = _device(spec.build.device)
         path = models.resolve_model_ref(spec.teacher, models_root=models_root, allow_hub=allow_hub)
@@ -231,7 +231,7 @@ class _Teacher:
     @torch.no_grad()
     def response_rows(self, batch: dict[str, torch.Tensor], k: int):
         """(ids, log-probs, tail) over the batch's response positions, in the trainer's row order."""
-        from akl_core.trainer import ResponseLogits
+        from akl_core.steps import ResponseLogits
 
         hidden, _ = ResponseLogits(self.model, hidden_only=True)(
             batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -273,11 +273,12 @@ def _save_teacher_dir(t: _Teacher, target: Path) -> None:
 
 def resolved_format(path: str, format: str) -> str:
     """The format of a data file: ``format`` itself unless it is auto (then the first row's)."""
-    from akl_core import data
+    from akl_core.data import resolve_data_path
+    from akl_core.formats import detect_format
 
     if format != "auto":
         return format
-    return data.detect_format(json.loads(_first_line(data.resolve_data_path(path))), str(path))
+    return detect_format(json.loads(_first_line(resolve_data_path(path))), str(path))
 
 
 def _first_line(path: Path) -> str:
@@ -354,7 +355,7 @@ def _shard_done(out_dir: Path, p: dict[str, Any], fingerprint: str) -> bool:
 
 def _shard_rows(t: _Teacher, rows: list, spec: CacheSpec, should_stop) -> tuple | None:
     """(ids, log-probs, tail, offsets) of one shard's examples as numpy; None when stopped."""
-    from akl_core import data
+    from akl_core.batches import collate
 
     ids, logprobs, tails = [], [], []
     counts = [response_tokens(r) for r in rows]
@@ -364,7 +365,7 @@ def _shard_rows(t: _Teacher, rows: list, spec: CacheSpec, should_stop) -> tuple 
         part = [r for r in rows[i : i + spec.build.batch_size] if response_tokens(r)]
         if not part:
             continue
-        batch = {k: v.to(t.device) for k, v in data.collate(part, t.pad_id).items()}
+        batch = {k: v.to(t.device) for k, v in collate(part, t.pad_id).items()}
         a, b, c = t.response_rows(batch, spec.top_k)
         ids.append(a.numpy())
         logprobs.append(b.numpy())

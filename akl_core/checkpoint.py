@@ -86,7 +86,6 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
-    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically, rotate old ones; return the path relative to
     ``output_dir``. ``model`` is the bare (unwrapped) model."""
@@ -110,7 +109,7 @@ def save_checkpoint(
         },
         tmp / TRAINER_STATE,
     )
-    _write_json_atomic(tmp / STATE_FILE, {**asdict(state), **(extra or {})})  # last file written
+    _write_json_atomic(tmp / STATE_FILE, asdict(state))  # last file written
     if final.exists():  # a re-run of the same step (e.g. stop right after a periodic checkpoint)
         shutil.rmtree(final)
     os.replace(tmp, final)

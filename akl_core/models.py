@@ -1,4 +1,4 @@
-"""Model references, presets, loading the teacher, building the student, tokenizer checks.
+"""Model references, presets, loading the teacher, tokenizer checks (the student: students.py).
 
 A model reference (see docs/architecture.md) is one of:
 - ``preset:tiny`` - a tiny random Llama with a BPE tokenizer trained on the demo data (built on demand);
@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch and transformers load lazily: the CLI imports this module for --help
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from akl_core.spec import StudentSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +36,7 @@ PRESET_LAYERS = {TINY: 4, SMOLLM2: 30}
 PRESET_MARKER = "akl_preset.json"  # written inside a prepared preset directory
 TINY_SEED = 1234
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-# Student config overrides that would break logit distillation or the model class.
-FORBIDDEN_OVERRIDES = ("vocab_size", "model_type", "architectures")
 _HUB_ID = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")
-_LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 
 
 class ModelError(ValueError):
@@ -70,17 +63,6 @@ def default_models_root() -> Path:
 def hub_allowed() -> bool:
     """True when AKL_ALLOW_HUB is 1/true/yes (case-insensitive)."""
     return os.environ.get("AKL_ALLOW_HUB", "").strip().lower() in ("1", "true", "yes")
-
-
-@dataclass
-class ModelResolver:
-    """Resolve references against one models root (env defaults when the fields are None)."""
-
-    models_root: Path | None = None
-    allow_hub: bool | None = None
-
-    def resolve(self, ref: str) -> Path:
-        return resolve_model_ref(ref, self.models_root, self.allow_hub)
 
 
 # -- resolution ---------------------------------------------------------------------------------
@@ -298,7 +280,7 @@ def _build_smollm2(out: Path) -> None:
 def load_tokenizer(path: Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
     """The tokenizer of a model directory, with a pad token (falls back to EOS).
 
-    Left padding by default: batched generation needs it; ``data.collate`` pads training batches
+    Left padding by default: batched generation needs it; ``batches.collate`` pads training batches
     itself (on the right) and does not depend on this setting.
     """
     from transformers import AutoTokenizer
@@ -315,7 +297,8 @@ def load_tokenizer(path: Path, padding_side: str = "left") -> PreTrainedTokenize
     return tok
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
+def load_causal_lm(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
+    """A causal LM from a model directory (safetensors, no remote code); dtype defaults to float32."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -331,119 +314,10 @@ def _from_pretrained(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
 
 def load_teacher(path: Path, dtype: torch.dtype | None = None, device: Any = "cpu") -> PreTrainedModel:
     """The teacher, frozen: eval mode, no gradients. dtype defaults to float32."""
-    model = _from_pretrained(path, dtype).to(device)
+    model = load_causal_lm(path, dtype).to(device)
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-# -- students -----------------------------------------------------------------------------------
-
-
-def truncate_layer_indices(num_teacher_layers: int, num_layers: int) -> list[int]:
-    """Evenly spaced layers, first and last included: round(i*(L-1)/(k-1)), halves rounded up."""
-    if num_layers == 1:
-        return [0]
-    step = (num_teacher_layers - 1) / (num_layers - 1)
-    return [math.floor(i * step + 0.5) for i in range(num_layers)]
-
-
-def build_student(
-    spec_student: StudentSpec,
-    teacher_path: Path,
-    models_root: Path | None = None,
-    allow_hub: bool | None = None,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """The student, in train mode, as ``spec_student.init`` says (pretrained / truncate / config)."""
-    if spec_student.init == "pretrained":
-        assert spec_student.model is not None  # StudentSpec validates this
-        model = _from_pretrained(resolve_model_ref(spec_student.model, models_root, allow_hub), None)
-    elif spec_student.init == "truncate":
-        model = _truncated_student(Path(teacher_path), spec_student.num_layers)
-    elif spec_student.init == "config":
-        model = _config_student(
-            Path(teacher_path), spec_student.num_layers, spec_student.config_overrides, seed
-        )
-    else:
-        raise ModelError("invalid_model", f"student.init: unknown value '{spec_student.init}'")
-    model.train()
-    model.requires_grad_(True)
-    return model
-
-
-def _truncated_student(teacher_path: Path, num_layers: int | None) -> PreTrainedModel:
-    """Copy embeddings, final norm, lm_head and k evenly spaced decoder layers of the teacher."""
-    from transformers import AutoModelForCausalLM
-
-    teacher = _from_pretrained(teacher_path, None)
-    total = teacher.config.num_hidden_layers
-    if num_layers is None or num_layers > total:
-        raise ModelError(
-            "invalid_model",
-            f"student.num_layers={num_layers} must be between 1 and the teacher's {total} layers",
-        )
-    keep = truncate_layer_indices(total, num_layers)
-    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    config.num_hidden_layers = num_layers
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds
-        config.layer_types = [config.layer_types[i] for i in keep]
-    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
-    new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = _LAYER_KEY.match(key)
-        if match is None:
-            state[key] = value
-        elif int(match.group(2)) in new_index:
-            state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = value
-    student.load_state_dict(state, strict=True)
-    student.generation_config = teacher.generation_config
-    return student
-
-
-def _config_student(
-    teacher_path: Path, num_layers: int | None, overrides: dict[str, Any], seed: int
-) -> PreTrainedModel:
-    """Random init from the teacher's config, with num_layers and config_overrides applied."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base = AutoConfig.from_pretrained(teacher_path, trust_remote_code=False)
-    values = base.to_dict()
-    for key in overrides:
-        if key in FORBIDDEN_OVERRIDES:
-            raise ModelError(
-                "invalid_model",
-                f"student.config_overrides.{key}: cannot be changed (the student must "
-                "share the teacher's vocabulary and architecture)",
-            )
-        if key not in values:
-            raise ModelError(
-                "invalid_model",
-                f"student.config_overrides.{key}: unknown field of the teacher's {base.model_type} config",
-            )
-    if num_layers is not None:
-        total = values.get("num_hidden_layers")
-        if isinstance(total, int) and num_layers > total:  # a student is smaller than its teacher
-            raise ModelError(
-                "invalid_model",
-                f"student.num_layers={num_layers} must be at most the teacher's {total} layers",
-            )
-        values["num_hidden_layers"] = num_layers
-        values.pop("layer_types", None)
-    values.update(overrides)
-    if {"hidden_size", "num_attention_heads"} & overrides.keys() and "head_dim" not in overrides:
-        values.pop("head_dim", None)  # recomputed from hidden_size / num_attention_heads
-    try:
-        config = base.__class__.from_dict(values)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except Exception as exc:  # e.g. hidden_size not divisible by num_attention_heads
-        raise ModelError(
-            "invalid_model", f"student.config_overrides: cannot build the student: {exc}"
-        ) from exc
 
 
 # -- tokenizer checks ---------------------------------------------------------------------------

@@ -37,18 +37,18 @@ def load(
 def _teacher_forced(
     models_root: Path | None, layers: int, max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from akl_core import data, models
+    from akl_core import batches, data, models, students
     from akl_core.spec import StudentSpec
 
     path = models.prepare_preset(PRESET, models_root)
     tok = models.load_tokenizer(path)
     teacher = models.load_teacher(path).float().eval()
-    student = models.build_student(StudentSpec(init="truncate", num_layers=layers), path, models_root)
+    student = students.build_student(StudentSpec(init="truncate", num_layers=layers), path, models_root)
     student = student.float().eval()
     rows = data.tokenize_examples(data.read_examples("demo:validation"), tok, max_length, max_length // 2)
     s_out, t_out = [], []
     for i in range(0, len(rows), 8):
-        batch = data.collate(rows[i : i + 8], tok.pad_token_id)
+        batch = batches.collate(rows[i : i + 8], tok.pad_token_id)
         keep = batch["labels"][:, 1:] != data.IGNORE_INDEX  # (B, T-1): position t predicts t + 1
         for model, out in ((student, s_out), (teacher, t_out)):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -55,7 +55,7 @@ def _parse(argv=None):
 def _setup(args):
     import torch
 
-    from akl_core import data, models
+    from akl_core import batches, data, models, students
     from akl_core.spec import StudentSpec
 
     device = torch.device(
@@ -68,14 +68,14 @@ def _setup(args):
     teacher = models.load_teacher(
         path, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device
     )
-    student = models.build_student(
+    student = students.build_student(
         StudentSpec(init="truncate", num_layers=args.layers), path, args.models_root
     )
     student = student.to(device=device, dtype=torch.float32)
     examples = data.read_examples("demo:train", "auto", args.batch * 4)
     rows = data.tokenize_examples(examples, tok, args.seq_len, args.seq_len // 2)
     rows = sorted(rows, key=lambda r: -len(r["input_ids"]))[: args.batch]  # the longest: ~seq_len each
-    batch = {k: v.to(device) for k, v in data.collate(rows, tok.pad_token_id).items()}
+    batch = {k: v.to(device) for k, v in batches.collate(rows, tok.pad_token_id).items()}
     return torch, device, tok, teacher, student, batch
 
 
@@ -118,7 +118,8 @@ def _time(torch, device, step, args) -> tuple[float, float]:
 
 def _ours(args, name: str, kd_ratio: float, fused: bool) -> dict:
     torch, device, tok, teacher, student, batch = _setup(args)
-    from akl_core import trainer
+    from akl_core import optim, steps
+    from akl_core.ddp import DistInfo
     from akl_core.spec import load_spec
 
     spec = load_spec(
@@ -134,19 +135,15 @@ def _ours(args, name: str, kd_ratio: float, fused: bool) -> dict:
             },
         }
     )
-    fused_fn = None
-    if fused:
-        from akl_core.fused import compute_fused as fused_fn
-    s, t = trainer.ResponseLogits(student, fused), trainer.ResponseLogits(teacher, fused)
-    opt, sched = trainer.make_optimizer(student, spec, 10**6, device)
+    s, t = steps.ResponseLogits(student, fused), steps.ResponseLogits(teacher, fused)
+    opt, sched = optim.make_optimizer(student, spec, 10**6, device)
     vocab = min(
         teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
     )
+    ctx = steps.StepContext(s, t, spec, vocab, DistInfo(), device)
 
     def step():
-        trainer.train_step(
-            s, t, [batch], opt, sched, spec, vocab, trainer.DistInfo(), device, "auto", fused_fn
-        )
+        steps.train_step(ctx, [batch], opt, sched)
 
     return _result(torch, device, step, args, batch)
 

@@ -156,7 +156,7 @@ def sft_student(task: str, args, models_root: Path, out: Path):
 def run_task(task: str, args, models_root: Path) -> dict:
     import torch
 
-    from akl_core import data, models
+    from akl_core import data, models, students
     from akl_core.spec import StudentSpec
 
     path = models.prepare_preset("smollm2-135m-instruct", models_root)
@@ -164,7 +164,7 @@ def run_task(task: str, args, models_root: Path) -> dict:
     teacher = models.load_teacher(path, dtype=torch.float32).eval()
     examples = data.read_examples(f"{task}:test", limit=args.examples)
     t0 = time.perf_counter()
-    untrained = models.build_student(StudentSpec(init="truncate", num_layers=args.num_layers), path).eval()
+    untrained = students.build_student(StudentSpec(init="truncate", num_layers=args.num_layers), path).eval()
     sft = sft_student(task, args, models_root, ROOT / "out" / "validity" / f"{task}-sft")
     scores = {}
     for name, model in (("teacher", teacher), ("untrained", untrained), ("sft", sft)):

@@ -48,8 +48,9 @@ def tiny_teacher(tiny_teacher_path: Path):
 @pytest.fixture(scope="session")
 def tiny_student_path(models_root: Path, tiny_teacher_path: Path) -> Path:
     """A 2-layer student truncated from the tiny teacher, saved as `models_root/tiny-student`."""
-    from akl_core.models import build_student, load_tokenizer
+    from akl_core.models import load_tokenizer
     from akl_core.spec import StudentSpec
+    from akl_core.students import build_student
 
     path = models_root / "tiny-student"
     student = build_student(StudentSpec(init="truncate", num_layers=2), tiny_teacher_path)
@@ -61,8 +62,8 @@ def tiny_student_path(models_root: Path, tiny_teacher_path: Path) -> Path:
 @pytest.fixture
 def tiny_student(models_root: Path, tiny_teacher_path: Path, tiny_student_path: Path):
     """A fresh trainable copy of `tiny-student` (function-scoped: tests may train it)."""
-    from akl_core.models import build_student
     from akl_core.spec import StudentSpec
+    from akl_core.students import build_student
 
     spec = StudentSpec(init="pretrained", model=tiny_student_path.name)
     return build_student(spec, tiny_teacher_path, models_root=models_root)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from akl_core import data
+from akl_core import batches, data, formats
 from akl_core.data import IGNORE_INDEX, DataError, Example
 
 
@@ -34,7 +34,7 @@ def test_dolly_with_and_without_context(tmp_path: Path) -> None:
         ],
     )
     a, b = data.read_examples(f)
-    assert a.prompt == data.DOLLY_TEMPLATE.format(instruction="Name a color.") and a.response == "Blue."
+    assert a.prompt == formats.DOLLY_TEMPLATE.format(instruction="Name a color.") and a.response == "Blue."
     assert "### Input:\nEmma is clever.\n\n### Response:\n" in b.prompt
     assert b.prompt.endswith("### Response:\n") and not a.is_chat
 
@@ -315,7 +315,7 @@ def test_tokenize_demo_examples(tiny_tokenizer) -> None:
 
 def test_collate_right_pads(tiny_tokenizer) -> None:
     batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    out = data.collate(batch, pad_id=0)
+    out = batches.collate(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

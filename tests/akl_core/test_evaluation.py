@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from akl_core import data, evaluation
+from akl_core import batches, data, evaluation
 from akl_core.spec import EvaluationSpec
 
 
@@ -99,7 +99,7 @@ def test_validation_losses_against_direct_formulas(tiny_teacher, tiny_student, t
     got = evaluation.validation_losses(
         tiny_student, tiny_teacher, rows, tiny_tokenizer.pad_token_id, batch_size=2
     )
-    batch = data.collate(rows, tiny_tokenizer.pad_token_id)
+    batch = batches.collate(rows, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         s = tiny_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         t = tiny_teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

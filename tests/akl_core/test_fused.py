@@ -204,8 +204,8 @@ def _tiny_lm(kind: str, seed: int):
 
 @pytest.mark.parametrize("kind", ["phi", "gemma2"])
 def test_fused_training_loss_uses_bias_and_softcap(kind):
-    """trainer.micro_loss: the fused path gives the unfused (model's own) CE, KD and gradients."""
-    from akl_core import trainer
+    """steps.micro_loss: the fused path gives the unfused (model's own) CE, KD and gradients."""
+    from akl_core import steps
     from akl_core.spec import load_spec
 
     teacher, student = _tiny_lm(kind, 0), _tiny_lm(kind, 1)
@@ -218,8 +218,8 @@ def test_fused_training_loss_uses_bias_and_softcap(kind):
     results = []
     for fused in (False, True):
         student.zero_grad(set_to_none=True)
-        s, t = trainer.ResponseLogits(student, fused), trainer.ResponseLogits(teacher, fused)
-        ce, kd, _, n = trainer.micro_loss(s, t, batch, spec, 97, "fp32", compute_fused if fused else None)
+        s, t = steps.ResponseLogits(student, fused), steps.ResponseLogits(teacher, fused)
+        ce, kd, _, n = steps.micro_loss(steps.StepContext(s, t, spec, 97), batch)
         (ce + kd).backward()
         results.append((ce.item(), kd.item(), {k: p.grad.clone() for k, p in student.named_parameters()}))
     (ce0, kd0, g0), (ce1, kd1, g1) = results

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from akl_core import trainer
+from akl_core import optim
 from akl_core.divergences import compute
 from akl_core.fused import compute_fused
 from tests.akl_core.test_ddp import run_runner
@@ -110,7 +110,7 @@ def test_fused_adamw_matches_foreach():
     spec = tiny_spec()
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32)).to(CUDA)
     twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    opt, _ = trainer.make_optimizer(model, spec, 10, CUDA)
+    opt, _ = optim.make_optimizer(model, spec, 10, CUDA)
     assert opt.defaults["fused"] is True
     ref = torch.optim.AdamW(
         [

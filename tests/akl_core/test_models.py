@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from akl_core import models
+from akl_core import models, students
 from akl_core.models import ModelError, resolve_model_ref
 from akl_core.spec import StudentSpec
 
@@ -138,8 +138,9 @@ def test_smollm2_missing_package_says_how_to_prepare(monkeypatch: pytest.MonkeyP
     assert err.value.code == "model_not_found"
 
 
-def test_model_resolver_uses_its_root(models_root: Path) -> None:
-    assert models.ModelResolver(models_root, False).resolve("preset:tiny") == models_root / "tiny"
+def test_resolve_uses_the_given_root(models_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AKL_MODELS_ROOT", "/nonexistent-models-root")
+    assert resolve_model_ref("preset:tiny", models_root, allow_hub=False) == models_root / "tiny"
 
 
 # -- tiny preset ----------------------------------------------------------------------------------
@@ -237,11 +238,11 @@ def test_load_teacher_refuses_bin_only_dir(tmp_path: Path, tiny_teacher_path: Pa
     [(4, 2, [0, 3]), (4, 4, [0, 1, 2, 3]), (30, 6, [0, 6, 12, 17, 23, 29]), (6, 3, [0, 3, 5]), (4, 1, [0])],
 )
 def test_truncate_layer_indices(total: int, k: int, expected: list[int]) -> None:
-    assert models.truncate_layer_indices(total, k) == expected
+    assert students.truncate_layer_indices(total, k) == expected
 
 
 def test_truncate_copies_the_right_layers(tiny_teacher, tiny_teacher_path: Path) -> None:
-    student = models.build_student(StudentSpec(init="truncate", num_layers=3), tiny_teacher_path)
+    student = students.build_student(StudentSpec(init="truncate", num_layers=3), tiny_teacher_path)
     assert student.training and all(p.requires_grad for p in student.parameters())
     assert student.config.num_hidden_layers == 3 and len(student.model.layers) == 3
     t_state, s_state = tiny_teacher.state_dict(), student.state_dict()
@@ -258,14 +259,14 @@ def test_truncate_copies_the_right_layers(tiny_teacher, tiny_teacher_path: Path)
 
 def test_truncate_too_many_layers_names_field(tiny_teacher_path: Path) -> None:
     with pytest.raises(ModelError, match="student.num_layers") as err:
-        models.build_student(StudentSpec(init="truncate", num_layers=5), tiny_teacher_path)
+        students.build_student(StudentSpec(init="truncate", num_layers=5), tiny_teacher_path)
     assert err.value.code == "invalid_model"
 
 
 def test_truncated_student_matches_teacher_when_all_layers_kept(
     tiny_teacher, tiny_teacher_path: Path
 ) -> None:
-    student = models.build_student(StudentSpec(init="truncate", num_layers=4), tiny_teacher_path).eval()
+    student = students.build_student(StudentSpec(init="truncate", num_layers=4), tiny_teacher_path).eval()
     ids = torch.tensor([[5, 40, 200, 31, 7]])
     torch.testing.assert_close(student(ids).logits, tiny_teacher(ids).logits)
 
@@ -274,9 +275,9 @@ def test_config_student_with_overrides_is_seeded(tiny_teacher_path: Path) -> Non
     spec = StudentSpec(
         init="config", num_layers=1, config_overrides={"hidden_size": 32, "intermediate_size": 48}
     )
-    a = models.build_student(spec, tiny_teacher_path, seed=3)
-    b = models.build_student(spec, tiny_teacher_path, seed=3)
-    c = models.build_student(spec, tiny_teacher_path, seed=4)
+    a = students.build_student(spec, tiny_teacher_path, seed=3)
+    b = students.build_student(spec, tiny_teacher_path, seed=3)
+    c = students.build_student(spec, tiny_teacher_path, seed=4)
     assert (a.config.num_hidden_layers, a.config.hidden_size, a.config.intermediate_size) == (1, 32, 48)
     assert a.config.head_dim == 8  # recomputed: 32 / 4 heads
     assert a.config.vocab_size == 768 and a.training
@@ -287,7 +288,7 @@ def test_config_student_with_overrides_is_seeded(tiny_teacher_path: Path) -> Non
 
 def test_config_student_larger_than_the_teacher_is_refused(tiny_teacher_path: Path) -> None:
     with pytest.raises(ModelError, match="at most the teacher's 4 layers") as err:
-        models.build_student(StudentSpec(init="config", num_layers=5), tiny_teacher_path)
+        students.build_student(StudentSpec(init="config", num_layers=5), tiny_teacher_path)
     assert err.value.code == "invalid_model"
 
 
@@ -299,7 +300,7 @@ def test_config_override_errors_name_the_key(tiny_teacher_path: Path, override: 
     # loader's defence in depth, for specs built by other code.
     spec = StudentSpec.model_construct(init="config", num_layers=1, config_overrides=override, model=None)
     with pytest.raises(ModelError, match=f"student.config_overrides.{match}") as err:
-        models.build_student(spec, tiny_teacher_path)
+        students.build_student(spec, tiny_teacher_path)
     assert err.value.code == "invalid_model"
 
 
@@ -309,7 +310,9 @@ def test_pretrained_student_loads_ref(tiny_student, tiny_student_path: Path) -> 
 
 def test_pretrained_student_missing_ref(models_root: Path, tiny_teacher_path: Path) -> None:
     with pytest.raises(ModelError) as err:
-        models.build_student(StudentSpec(init="pretrained", model="no-such"), tiny_teacher_path, models_root)
+        students.build_student(
+            StudentSpec(init="pretrained", model="no-such"), tiny_teacher_path, models_root
+        )
     assert err.value.code == "model_not_found"
 
 
@@ -330,7 +333,7 @@ def test_check_tokenizers_detects_mismatch(tiny_tokenizer) -> None:
 
 
 def test_common_vocab_size_slices_padded_vocab(tiny_teacher, tiny_teacher_path: Path, tiny_tokenizer) -> None:
-    padded = models.build_student(
+    padded = students.build_student(
         StudentSpec(init="config", num_layers=1, config_overrides={"hidden_size": 32}), tiny_teacher_path
     )
     padded.resize_token_embeddings(800)  # e.g. padded to a multiple of 32
@@ -339,7 +342,7 @@ def test_common_vocab_size_slices_padded_vocab(tiny_teacher, tiny_teacher_path: 
 
 
 def test_common_vocab_size_refuses_short_vocab(tiny_teacher, tiny_tokenizer, tiny_teacher_path: Path) -> None:
-    small = models.build_student(StudentSpec(init="config", num_layers=1), tiny_teacher_path)
+    small = students.build_student(StudentSpec(init="config", num_layers=1), tiny_teacher_path)
     small.resize_token_embeddings(500)
     with pytest.raises(ModelError) as err:
         models.common_vocab_size(tiny_teacher, small, tiny_tokenizer)
@@ -372,7 +375,7 @@ def test_smollm2_perplexity_and_truncated_student(smollm2_path: Path) -> None:
     with torch.no_grad():
         ppl = torch.exp(model(ids, labels=ids).loss).item()
     assert 1.5 < ppl < 60
-    student = models.build_student(StudentSpec(init="truncate", num_layers=6), smollm2_path)
+    student = students.build_student(StudentSpec(init="truncate", num_layers=6), smollm2_path)
     assert student.config.num_hidden_layers == 6
     assert models.common_vocab_size(model, student, tok) == 49152
     assert torch.equal(

@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from akl_core import batches, data, optim, trainer
 from akl_core import checkpoint as ckpt
-from akl_core import data, trainer
+from akl_core.ddp import DistInfo
 from akl_core.events import STEP_STATS, DistillError, read_events
-from akl_core.spec import load_spec
+from akl_core.spec import load_spec, total_steps
+from akl_core.steps import ResponseLogits, StepContext, micro_loss, train_step
 
 STEP_KEYS = [
     "type",
@@ -72,9 +74,9 @@ def steps(events):
 def _batches(tokenizer, n: int, per: int):
     examples = data.read_examples("demo:train", "auto", n)
     rows = data.tokenize_examples(examples, tokenizer, 128, 24)
-    return [data.collate(rows[i : i + per], tokenizer.pad_token_id) for i in range(0, n, per)], data.collate(
-        rows, tokenizer.pad_token_id
-    )
+    return [
+        batches.collate(rows[i : i + per], tokenizer.pad_token_id) for i in range(0, n, per)
+    ], batches.collate(rows, tokenizer.pad_token_id)
 
 
 def _reference_grads(student, teacher, full, name: str, r: float):
@@ -113,18 +115,8 @@ def test_train_step_matches_full_batch_reference(name, tiny_student, tiny_teache
     opt = torch.optim.SGD(tiny_student.parameters(), lr=1.0)  # new = old - grad
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
-    sums, grad_norm = trainer.train_step(
-        trainer.ResponseLogits(tiny_student),
-        trainer.ResponseLogits(tiny_teacher),
-        micro,
-        opt,
-        sched,
-        spec,
-        vocab,
-        trainer.DistInfo(),
-        torch.device("cpu"),
-        "fp32",
-    )
+    ctx = StepContext(ResponseLogits(tiny_student), ResponseLogits(tiny_teacher), spec, vocab)
+    sums, grad_norm = train_step(ctx, micro, opt, sched)
     r = spec.loss.kd_ratio
     assert ((1 - r) * sums.ce + r * sums.kd) / sums.tokens == pytest.approx(ref_loss, rel=1e-5)
     assert sums.tokens == int((full["labels"][:, 1:] != -100).sum())
@@ -259,13 +251,13 @@ def test_fused_matches_unfused(models_root, tmp_path):
 
 
 def test_nan_loss_stops_with_code(models_root, tmp_path, monkeypatch):
-    real = trainer.micro_loss
+    real = micro_loss
 
     def poisoned(*args, **kw):
         ce, kd, stats, n = real(*args, **kw)
         return ce * float("nan"), kd, stats, n
 
-    monkeypatch.setattr(trainer, "micro_loss", poisoned)
+    monkeypatch.setattr("akl_core.steps.micro_loss", poisoned)
     with pytest.raises(DistillError) as info:
         run(tiny_spec(), tmp_path / "nan", models_root)
     assert info.value.code == "nan_loss" and "learning_rate" in info.value.message
@@ -290,7 +282,7 @@ def test_error_codes(models_root, tmp_path, change, code):
 
 
 def test_data_order_epochs_and_ranks():
-    order = trainer.DataOrder(10, seed=3)
+    order = batches.DataOrder(10, seed=3)
     state = ckpt.TrainState()
     seen = [order.take(state, 4) for _ in range(3)]
     assert [len(s) for s in seen] == [4, 4, 2]  # the epoch's last step is short
@@ -299,10 +291,10 @@ def test_data_order_epochs_and_ranks():
     assert (
         state.epoch == 1 and nxt == order.permutation(1)[:4] and order.permutation(1) != order.permutation(0)
     )
-    assert trainer.DataOrder(10, seed=3).permutation(0) == order.permutation(0)
+    assert batches.DataOrder(10, seed=3).permutation(0) == order.permutation(0)
     ids = list(range(100, 108))
-    one = trainer.micro_batches(ids, 4, 2, trainer.DistInfo(0, 1))
-    two = [trainer.micro_batches(ids, 2, 2, trainer.DistInfo(r, 2)) for r in range(2)]
+    one = batches.micro_batches(ids, 4, 2, DistInfo(0, 1))
+    two = [batches.micro_batches(ids, 2, 2, DistInfo(r, 2)) for r in range(2)]
     assert sorted(sum(one, [])) == sorted(sum(two[0] + two[1], [])) == ids
     # micro-batch m of the 2-process run holds the same examples as micro-batch m of 1 process
     assert [two[0][m] + two[1][m] for m in range(2)] == one
@@ -318,10 +310,10 @@ def test_data_order_epochs_and_ranks():
 )
 def test_lr_factor(scheduler, expected):
     spec = tiny_spec(training={"scheduler": scheduler, "warmup_steps": 1})
-    assert [trainer.lr_factor(s, spec, 4) for s in range(4)] == pytest.approx(expected)
+    assert [optim.lr_factor(s, spec, 4) for s in range(4)] == pytest.approx(expected)
 
 
 def test_total_steps_from_epochs():
     spec = tiny_spec(training={"max_steps": None, "epochs": 3, "batch_size": 2, "grad_accum": 2})
-    assert trainer.total_steps(spec, 10, world_size=1) == 3 * 3
-    assert trainer.total_steps(spec, 10, world_size=2) == 3 * 2
+    assert total_steps(spec, 10, world_size=1) == 3 * 3
+    assert total_steps(spec, 10, world_size=2) == 3 * 2

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from akl_core import data, evaluation, models, trainer
+from akl_core import data, evaluation, models, students, trainer
 from akl_core.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_real_teacher_kd_and_val_kl_fall(smollm2_path, tmp_path):
     # the student's validation KL before training (same truncation, same validation tokens)
     tok = models.load_tokenizer(smollm2_path)
     teacher = models.load_teacher(smollm2_path)
-    student = models.build_student(spec.student, smollm2_path, root)
+    student = students.build_student(spec.student, smollm2_path, root)
     val = data.read_examples("demo:validation", "auto", 4)
     rows = [data.tokenize_example(ex, tok, 128, 64) for ex in val]
     before = evaluation.validation_losses(student, teacher, rows, tok.pad_token_id)
