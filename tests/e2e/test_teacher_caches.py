@@ -118,6 +118,10 @@ def test_distill_from_the_cache_with_akl_then_delete_it(redis_stack: Stack, buil
         assert [row["step"] for row in rows] == [1, 2, 3, 4]
         for row in rows:
             assert row["g_head"] is not None and row["g_tail"] is not None and 0.0 <= row["w_head"] <= 1.0
+        # the teacher's line comes from the cache (same evaluation settings), not a teacher forward
+        evaluation = http.get(f"/v1/jobs/{job_id}/evaluations").json()["data"][-1]["metrics"]
+        assert evaluation["teacher_rouge_l"] == pytest.approx(built["cache"]["teacher_eval"]["rouge_l"])
+        assert evaluation["val_kl"] is not None
         deleted = http.delete(f"/v1/teacher_caches/{cache_id}")
         assert deleted.json() == {"id": cache_id, "object": "teacher_cache", "deleted": True}
         assert http.get(f"/v1/teacher_caches/{cache_id}").status_code == 404
