@@ -5,6 +5,7 @@ on the tiny preset."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -126,3 +127,32 @@ def test_distill_from_the_cache_with_akl_then_delete_it(redis_stack: Stack, buil
         assert deleted.json() == {"id": cache_id, "object": "teacher_cache", "deleted": True}
         assert http.get(f"/v1/teacher_caches/{cache_id}").status_code == 404
         assert http.post("/v1/jobs", json=_job(cache_id, built["train"])).status_code == 404
+
+
+def test_a_truncated_shard_fails_the_job_with_invalid_cache(
+    redis_stack: Stack, built: dict[str, Any]
+) -> None:
+    with redis_stack.http(built["key"]) as http:
+        body = {
+            "teacher": "preset:tiny",
+            "data": {"train": built["train"], **LENGTHS},
+            "top_k": 4,
+            "evaluation": {"num_examples": 0},
+            "build": {"device": "cpu", "shard_examples": 8},
+        }
+        cache = _wait(
+            http, f"/v1/teacher_caches/{http.post('/v1/teacher_caches', json=body).json()['id']}", redis_stack
+        )
+        assert cache["status"] == "succeeded", cache
+        folders = list((Path(redis_stack.env["AKL_DATA_ROOT"]) / "caches").glob(f"*/{cache['id']}"))
+        assert len(folders) == 1
+        shard = sorted(folders[0].glob("*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut short on disk
+        spec = _job(cache["id"], built["train"])
+        spec["data"].pop("validation")
+        spec["data"].pop("max_validation_examples")
+        spec["evaluation"] = {"num_examples": 0}
+        job = http.post("/v1/jobs", json=spec)
+        assert job.status_code == 201, job.text
+        failed = _wait(http, f"/v1/jobs/{job.json()['id']}", redis_stack)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_cache", failed
