@@ -4,6 +4,7 @@ on the tiny preset."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,15 @@ def test_a_truncated_shard_fails_the_job_with_invalid_cache(
         assert job.status_code == 201, job.text
         failed = _wait(http, f"/v1/jobs/{job.json()['id']}", redis_stack)
         assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_cache", failed
+
+
+def test_top_k_below_1_or_above_the_vocabulary_is_a_422(redis_stack: Stack, built: dict[str, Any]) -> None:
+    config = Path(redis_stack.env["AKL_MODELS_ROOT"]) / "tiny" / "config.json"
+    vocab = json.loads(config.read_text())["vocab_size"]  # 768 < 1024: the vocabulary is the bound
+    body = {"teacher": "preset:tiny", "data": {"train": built["train"], **LENGTHS}}
+    with redis_stack.http(built["key"]) as http:
+        for top_k in (0, vocab + 1, 1025):
+            response = http.post("/v1/teacher_caches", json={**body, "top_k": top_k})
+            assert response.status_code == 422, (top_k, response.text)
+        above = http.post("/v1/teacher_caches", json={**body, "top_k": vocab + 1}).json()["detail"]
+        assert above == f"top_k: {vocab + 1} is more than the teacher's vocabulary of {vocab} tokens"
