@@ -248,22 +248,17 @@ def serve(
 
 
 def expire_leases_of(database_url: str, pid: int) -> None:
-    """End the leases of a worker that died (owner ``host:pid:*``, worker/leases.py) now rather
-    than when they run out: the restarted worker's reconciler takes its job at its first pass,
+    """End the leases of a worker that died (owner ``host:pid:*``, ``JOBS.expire_leases``) now
+    rather than when they run out: the restarted worker's reconciler takes its job at its first pass,
     and the resumed runner waits on the output lock for the orphan's exit checkpoint."""
-    from sqlalchemy import update
-
-    from api.db.models import RUNNING, Job, utcnow
-    from api.db.session import make_engine
+    from api.db.session import make_engine, session_factory
+    from api.lifecycle import CACHES, JOBS
 
     engine = make_engine(database_url)
     try:
-        with engine.begin() as connection:
-            connection.execute(
-                update(Job)
-                .where(Job.status == RUNNING, Job.lease_owner.like(f"{socket.gethostname()}:{pid}:%"))
-                .values(lease_expires_at=utcnow())
-            )
+        with session_factory(engine)() as session, session.begin():
+            for lifecycle in (JOBS, CACHES):  # its job or its teacher-cache build
+                lifecycle.expire_leases(session, f"{socket.gethostname()}:{pid}:")
     except Exception as exc:  # the lease then runs out by itself
         typer.echo(f"warning: could not release the jobs of worker pid {pid}: {exc}", err=True)
     finally:

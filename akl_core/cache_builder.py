@@ -49,6 +49,7 @@ from akl_core.cache_spec import (
     SplitInfo,
     file_sha256,
 )
+from akl_core.contract import validate_cache_event
 from akl_core.events import DistillError, Event, EventSink, classify_error
 from akl_core.teacher_cache import (
     NP_DTYPES,
@@ -85,7 +86,7 @@ def build_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         _clear(out_dir)
-    sink = EventSink(out_dir / "events.jsonl", on_event)
+    sink = EventSink(out_dir / "events.jsonl", on_event, check=validate_cache_event)
     try:
         return _build(spec, out_dir, sink, should_stop, models_root, allow_hub)
     except BaseException as exc:

@@ -34,8 +34,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from akl_core.contract import STEP_STATS as STAT_NAMES  # noqa: F401 - kernels/dispatch.py imports it here
+
 NAMES = ("fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd", "jsd")
-STAT_NAMES = ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size")
 
 # Tokens (rows of V logits) per chunk when chunk_size is None: about this many fp32 elements.
 # On CPU a chunk's few (rows, V) buffers then stay in the L2/L3 caches: 16 rows at V = 32000

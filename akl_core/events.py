@@ -1,4 +1,5 @@
-"""Run events: plain dicts (see docs/architecture.md, "Events"), a JSON-lines writer, error codes.
+"""Run events as the trainer emits them: plain dicts checked against the run contract
+(akl_core/contract.py: the models, the codes, the names), a JSON-lines writer, error mapping.
 
 Every event is a dict whose first key is ``type``; numbers are plain Python floats/ints so that
 ``json.dumps`` never meets a tensor. The sink writes each event to ``events.jsonl`` (appending, so
@@ -8,33 +9,23 @@ a resumed run continues the file) and hands it to an optional callback.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Event = dict[str, Any]
-
-ERROR_CODES = (
-    "invalid_spec",
-    "model_not_found",
-    "tokenizer_mismatch",
-    "invalid_data",
-    "out_of_memory",
-    "disk_full",
-    "nan_loss",
-    "no_gpu",
-    "invalid_cache",  # a teacher cache that is corrupt, truncated, or built for other data / settings
-    "internal_error",
+from akl_core.contract import (  # noqa: F401 - re-exported: the trainer and the CLI import them here
+    CODE_ALIASES,
+    ERROR_CODES,
+    STEP_STATS,
+    Event,
+    dumps,
+    open_for_append,
+    read_events,
+    validate,
 )
-
-# models.ModelError's "invalid_model" (a directory that is not a loadable causal LM, bad
-# config_overrides) has no code of its own in the contract: report it as model_not_found.
-CODE_ALIASES = {"invalid_model": "model_not_found"}
-
-STEP_STATS = ("g_head", "g_tail", "w_head", "fkl", "rkl", "head_size")
+from akl_core.contract import finite as json_safe  # noqa: F401
 
 
 class DistillError(RuntimeError):
@@ -62,8 +53,9 @@ def _plain(value: Any) -> Any:
 
 
 def make_event(type_: str, **fields: Any) -> Event:
-    """An event dict with ``type`` first and plain values."""
-    return {"type": type_, **{k: _plain(v) for k, v in fields.items()}}
+    """An event dict with ``type`` first and plain values, validated against the contract
+    (akl_core/contract.py): a field it does not name raises pydantic.ValidationError."""
+    return validate({"type": type_, **{k: _plain(v) for k, v in fields.items()}})
 
 
 def step_event(
@@ -101,33 +93,23 @@ def step_event(
     )
 
 
-def dumps(event: Event) -> str:
-    """One JSON line (no newline). NaN is written as null so that strict JSON readers accept it."""
-    return json.dumps(json_safe(event), separators=(",", ":"), allow_nan=False)
-
-
-def json_safe(value: Any) -> Any:
-    """Non-finite floats -> None, recursively (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
 class EventSink:
     """Writes events to a JSON-lines file and forwards them to a callback. Either may be None
     (non-zero DDP ranks get a sink with neither)."""
 
-    def __init__(self, path: Path | None = None, callback: Callable[[Event], None] | None = None):
+    def __init__(
+        self,
+        path: Path | None = None,
+        callback: Callable[[Event], None] | None = None,
+        *,
+        check: Callable[[Event], Event] = validate,
+    ):
         self.path = path
         self.callback = callback
+        self.check = check  # the contract's validate; a cache build's validate_cache_event
         self._file = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._file = open_for_append(path)  # closed in close()
 
     def __call__(self, event: Event) -> None:
         if self._file is not None:
@@ -137,7 +119,7 @@ class EventSink:
             self.callback(event)
 
     def emit(self, type_: str, **fields: Any) -> Event:
-        event = make_event(type_, **fields)
+        event = self.check({"type": type_, **{k: _plain(v) for k, v in fields.items()}})
         self(event)
         return event
 
@@ -148,17 +130,6 @@ class EventSink:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def read_events(path: Path) -> list[Event]:
-    """All events of an events.jsonl file (a torn last line, from a crash, is skipped)."""
-    events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:

@@ -1,8 +1,9 @@
 """``python -m akl_core.runner SPEC.json OUTPUT_DIR [--resume/--no-resume]``
 
-Runs ``trainer.distill`` in this process and prints every event as one JSON line on stdout (the
-worker's contract, docs/architecture.md); logs and library chatter go to stderr. Exit codes: 0
-completed, 1 failed (an `error` event was printed first), 3 stopped.
+Runs ``trainer.distill`` in this process. Every event (akl_core/contract.py) is appended to
+OUTPUT_DIR/events.jsonl, the channel the worker reads, and printed as one JSON line on stdout for
+a human or a script; logs and library chatter go to stderr. Exit codes (``contract.EXIT_*``): 0
+completed, 1 failed (an `error` event was written first), 3 stopped.
 
 SIGTERM asks for a graceful stop: the current optimizer step finishes, a checkpoint is written, a
 `stopped` event is printed and the process exits with 3. The death of the parent (the worker) is a
@@ -33,9 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from akl_core.events import DistillError, Event, classify_error, dumps, make_event
+from akl_core.contract import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, Event, dumps, open_for_append
+from akl_core.events import DistillError, classify_error, make_event
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+EVENTS_FILE = "events.jsonl"
 STOP_FILE_ENV = "AKL_STOP_FILE"
 CHILD_ENV = "AKL_RUNNER_CHILD"
 STOP_FILE = ".stop-requested"
@@ -178,22 +180,36 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(event)
         printer(event)
 
+    def record(event: Event) -> None:
+        """An event of the runner's own: the trainer's sink is not there to write it to disk."""
+        emit(event)
+        if rank == 0:
+            append_event(args.output_dir / EVENTS_FILE, event)
+
     try:
-        return _run(args, emit, events_out, is_child, stop)
+        return _run(args, emit, record, events_out, is_child, stop)
     except Exception as exc:  # noqa: BLE001 - the contract: every failure is an error event
         # A DistillError normally arrives with its event already printed; one raised before the
         # run's event sink existed (a worker without CUDA, say) has not been (RELIABILITY.md).
         if not errors:
             code, message = classify_error(exc)
-            emit(make_event("error", code=code, message=message))
+            record(make_event("error", code=code, message=message))
         if not isinstance(exc, DistillError):
             log.exception("run failed")
         return EXIT_FAILED
 
 
+def append_event(path: Path, event: Event) -> None:
+    """Append one event to events.jsonl, the worker's channel. A full disk leaves it on stdout only,
+    the one case the worker reads stdout for (worker/supervisor.py)."""
+    with contextlib.suppress(OSError), open_for_append(path) as f:
+        f.write(dumps(event) + "\n")
+
+
 def _run(
     args: argparse.Namespace,
     emit: Callable[[Event], None],
+    record: Callable[[Event], None],
     events_out: TextIO,
     is_child: bool,
     stop: threading.Event,
@@ -202,7 +218,7 @@ def _run(
     spec = load_spec_file(args.spec)
     lock = None
     if not is_child:
-        lock = _lock(args.output_dir, emit)  # held (open) until this process exits
+        lock = _lock(args.output_dir, record)  # held (open) until this process exits
         if lock is None:
             return EXIT_FAILED
         watch_parent(stop.set)
@@ -284,8 +300,10 @@ def _launch_distributed(
         return EXIT_STOPPED
     if kind != "error":
         message = f"torch.distributed.run exited with code {rc} before the run finished"
+        error = make_event("error", code="internal_error", message=message)
+        append_event(args.output_dir / EVENTS_FILE, error)
         with contextlib.suppress(OSError, ValueError):
-            events_out.write(dumps(make_event("error", code="internal_error", message=message)) + "\n")
+            events_out.write(dumps(error) + "\n")
             events_out.flush()
     return EXIT_FAILED
 

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
 
     def worker_settings(stack: Stack) -> None:
         stack.env.update(AKL_WORKER_RUNNER_MODULE=args.runner, AKL_WORKER_REQUEUE_AFTER_S="60",
-                         AKL_WORKER_LEASE_S="30", AKL_WORKER_HEARTBEAT_S="5")  # fmt: skip
+                         AKL_WORKER_LEASE_S="30", AKL_WORKER_TICK_S="5")  # fmt: skip
 
     if args.uploads:
         return upload_main(args)

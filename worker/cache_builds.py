@@ -1,152 +1,52 @@
 """One teacher-cache build, start to end: claim the row, run ``akl_core.cache_runner`` under
-supervision, record progress and events, settle its status. The same lifecycle as a job
-(worker/jobs.py): a lease renewed by heartbeats, cancel within seconds, a shutdown or a crash gives
-the build back to the queue, and the next run resumes in the same directory without redoing the
-shards already written (the runner's own guarantee, given the same OUT_DIR).
+supervision, record progress and events, settle its status. The jobs' lifecycle
+(``api.lifecycle.CACHES``, the same machine as ``JOBS``): a lease renewed by the supervisor's
+tick, cancel within seconds, a shutdown or a crash gives the build back to the queue, and the
+next run resumes in the same directory without redoing the shards already written (the runner's
+own guarantee, given the same OUT_DIR). The reconciler requeues expired leases of both kinds.
 
-Every state change is one conditional UPDATE on ``teacher_caches`` plus its event row, as in
-worker/leases.py. Outcomes: ``skipped``, ``succeeded``, ``failed``, ``cancelled``, ``released``, ``lost``.
+Outcomes: ``skipped``, ``succeeded``, ``failed``, ``cancelled``, ``released``, ``lost``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.db.models import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    TeacherCache,
-    TeacherCacheEvent,
-    UTCDateTime,
-    utcnow,
-)
-from worker.jobs import WorkerContext, _retrying, runner_argv, runner_env
-from worker.leases import SessionFactory, new_owner
+from akl_core.contract import EXIT_FAILED, EXIT_STOPPED, Event, finite, parse_line
+from api.db.models import CANCELLED, FAILED, SUCCEEDED
+from api.lifecycle import CACHES
+from worker.jobs import WorkerContext, runner_argv, runner_env
+from worker.leases import SessionFactory, new_owner, transact
 from worker.redact import redact_value
-from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, RunResult, Supervisor
+from worker.supervisor import RunResult, Supervisor
 
 log = logging.getLogger(__name__)
 
-CACHE_RUNNER = "akl_core.cache_runner"
 MANIFEST = "manifest.json"
 SPEC_FILE = "build_spec.json"  # the resolved request the runner reads (file ids -> paths)
 URGENT = ("loading", "started", "completed", "stopped", "error")
 QUIET = ("progress", "shard")  # counted on the row, not stored one by one
 
 
-# -- lease transitions (the jobs' rules, on teacher_caches) ---------------------------------------
-def _where_held(cache_id: str, owner: str) -> Any:
-    model = TeacherCache
-    return and_(model.id == cache_id, model.lease_owner == owner, model.status == RUNNING)
+def check_cache_line(line: bytes | str) -> Event:
+    """One line of a cache build's events.jsonl (akl_core/cache_builder.py lists them). A line
+    that is not a JSON object with a ``type`` becomes a warning ``log`` event."""
+    event = parse_line(line)
+    if event is None:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        return {"type": "log", "level": "warning", "message": f"unreadable runner event: {text[:2000]}"}
+    return finite(event)
 
 
-def claim(sf: SessionFactory, cache_id: str, owner: str, *, lease_s: float) -> dict[str, Any] | None:
-    """Take the build if it is queued, or running under an expired lease; a snapshot or None."""
-    now, model = utcnow(), TeacherCache
-    claimable = or_(
-        model.status == QUEUED,
-        and_(model.status == RUNNING, or_(model.lease_expires_at.is_(None), model.lease_expires_at < now)),
-    )
-    stmt = (
-        update(model)
-        .where(model.id == cache_id, model.deleted_at.is_(None), claimable)
-        .values(
-            status=RUNNING,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            heartbeat_at=now,
-            attempts=model.attempts + 1,
-            started_at=func.coalesce(model.started_at, literal(now, UTCDateTime())),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    with sf() as session, session.begin():
-        if session.execute(stmt).rowcount != 1:
-            return None
-        row = session.get_one(model, cache_id)
-        return {
-            "id": row.id,
-            "attempts": row.attempts,
-            "queue": row.queue,
-            "spec": dict(row.resolved_spec or row.spec),
-            "cancel_requested": bool(row.cancel_requested),
-            "output_dir": row.output_dir,
-        }
-
-
-def renew(sf: SessionFactory, cache_id: str, owner: str, *, lease_s: float) -> tuple[bool, bool]:
-    """(still held, cancel requested)."""
-    now = utcnow()
-    stmt = (
-        update(TeacherCache)
-        .where(_where_held(cache_id, owner))
-        .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    with sf() as session, session.begin():
-        held = session.execute(stmt).rowcount == 1
-        cancel = session.scalar(select(TeacherCache.cancel_requested).where(TeacherCache.id == cache_id))
-    return held, bool(cancel)
-
-
-def release(sf: SessionFactory, cache_id: str, owner: str, *, count_attempt: bool) -> bool:
-    model = TeacherCache
-    stmt = (
-        update(model)
-        .where(_where_held(cache_id, owner))
-        .values(
-            status=QUEUED,
-            lease_owner=None,
-            lease_expires_at=None,
-            enqueued_at=utcnow(),
-            attempts=model.attempts if count_attempt else model.attempts - 1,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    with sf() as session, session.begin():
-        return session.execute(stmt).rowcount == 1
-
-
-def finish(sf: SessionFactory, cache_id: str, owner: str, status: str, **values: Any) -> bool:
-    stmt = (
-        update(TeacherCache)
-        .where(_where_held(cache_id, owner))
-        .values(status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
-    )
-    with sf() as session, session.begin():
-        return session.execute(stmt).rowcount == 1
-
-
-def note(
-    sf: SessionFactory, cache_id: str, type_: str, message: str, level: str = "info", data: Any = None
-) -> None:
-    try:
-        with sf() as session, session.begin():
-            session.add(
-                TeacherCacheEvent(cache_id=cache_id, type=type_, level=level, message=message, data=data)
-            )
-    except SQLAlchemyError:
-        log.exception("cache %s: could not record the %s event", cache_id, type_)
-
-
-# -- the build ------------------------------------------------------------------------------------
 def build_cache(cache_id: str, ctx: WorkerContext) -> str:
     owner = new_owner()
-    sf = ctx.session_factory
-    row = claim(sf, cache_id, owner, lease_s=ctx.options.lease_s)
+    row = _claim(ctx.session_factory, cache_id, owner, lease_s=ctx.options.lease_s)
     if row is None:
         log.info("cache %s: not claimable (finished, deleted, or another worker holds it)", cache_id)
         return "skipped"
@@ -163,7 +63,6 @@ def build_cache(cache_id: str, ctx: WorkerContext) -> str:
         output_dir.mkdir(parents=True, exist_ok=True)
         spec_path = output_dir / SPEC_FILE
         spec_path.write_text(json.dumps(row["spec"], indent=2), encoding="utf-8")
-        note(sf, cache_id, "running", f"attempt {row['attempts']} on worker {owner}")
         result, stop = _supervise(cache_id, owner, spec_path, output_dir, ctx)
     except OSError as exc:
         log.exception("cache %s: could not run", cache_id)
@@ -172,124 +71,96 @@ def build_cache(cache_id: str, ctx: WorkerContext) -> str:
     return _settle(cache_id, row["queue"], owner, output_dir, result, stop, ctx)
 
 
-class _Heartbeat(threading.Thread):
-    """Renews the lease every ``heartbeat_s`` and reports a cancellation request."""
-
-    def __init__(self, sf: SessionFactory, cache_id: str, owner: str, ctx: WorkerContext):
-        super().__init__(name=f"heartbeat-{cache_id}", daemon=True)
-        self.sf, self.cache_id, self.owner, self.options = sf, cache_id, owner, ctx.options
-        self.cancel_requested, self.lost, self._halt = threading.Event(), threading.Event(), threading.Event()
-
-    def run(self) -> None:
-        poll_s = min(self.options.cancel_poll_s, self.options.heartbeat_s)
-        while not self._halt.wait(poll_s):
-            try:
-                held, cancel = renew(self.sf, self.cache_id, self.owner, lease_s=self.options.lease_s)
-            except Exception:  # a database blip: the lease covers it
-                log.exception("heartbeat for cache %s failed", self.cache_id)
-                continue
-            if not held:
-                self.lost.set()
-            if cancel:
-                self.cancel_requested.set()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=5)
+def _claim(sf: SessionFactory, cache_id: str, owner: str, *, lease_s: float) -> dict[str, Any] | None:
+    with sf() as session, session.begin():
+        row = CACHES.claim(session, cache_id, owner, lease_s=lease_s)
+        if row is None:
+            return None
+        return {
+            "attempts": row.attempts,
+            "queue": row.queue,
+            "spec": dict(row.resolved_spec or row.spec),
+            "cancel_requested": bool(row.cancel_requested),
+            "output_dir": row.output_dir,
+        }
 
 
-class _Recorder:
-    """Batches the runner's events: progress onto the row, the rest into teacher_cache_events;
-    each flush is conditional on our lease."""
+class _Tick:
+    """The build's one timer: each tick is one transaction that renews the lease (carrying the
+    progress), writes the events read since the last tick and reads ``cancel_requested``."""
 
     def __init__(self, sf: SessionFactory, cache_id: str, owner: str, ctx: WorkerContext):
         self.sf, self.cache_id, self.owner, self.ctx = sf, cache_id, owner, ctx
-        self.buffer: list[dict[str, Any]] = []
-        self.last_flush = time.monotonic()
-        self.lease_lost = False
+        self.buffer: list[Event] = []
+        self.last_run = time.monotonic()
+        self.lease_lost = self.cancel_requested = False
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: Event) -> None:
         self.buffer.append(event)
         if event.get("type") in URGENT or len(self.buffer) >= self.ctx.options.flush_max_events:
-            self.flush()
+            self.run()
 
-    def tick(self) -> None:
-        if self.buffer and time.monotonic() - self.last_flush >= self.ctx.options.flush_interval_s:
-            self.flush()
+    def __call__(self) -> None:
+        if time.monotonic() - self.last_run >= self.ctx.options.tick_s:
+            self.run()
 
-    def flush(self) -> bool:
-        self.last_flush = time.monotonic()
-        if not self.buffer or self.lease_lost:
+    def run(self) -> bool:
+        self.last_run = time.monotonic()
+        if self.lease_lost:
             return True
         events, self.buffer = self.buffer, []
-        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        values: dict[str, Any] = {}
         for event in events:
             done = _progress(event)
             if done is not None:
                 values["progress"] = done
         try:
             with self.sf() as session, session.begin():
-                stmt = update(TeacherCache).where(_where_held(self.cache_id, self.owner)).values(**values)
-                if session.execute(stmt.execution_options(synchronize_session=False)).rowcount != 1:
+                lease = CACHES.renew(
+                    session, self.cache_id, self.owner, lease_s=self.ctx.options.lease_s, **values
+                )
+                if not lease.held:
                     self.lease_lost = True
                     return True
                 for event in events:
                     if event.get("type") not in QUIET:
-                        session.add(self._row(event))
+                        self._record(session, event)
+                self.cancel_requested = self.cancel_requested or lease.cancel_requested
         except SQLAlchemyError as exc:
-            log.warning("cache %s: could not record %d events (%s)", self.cache_id, len(events), exc)
+            log.warning("cache %s: tick failed, %d events kept (%s)", self.cache_id, len(events), exc)
             self.buffer = events + self.buffer
             return False
         return True
 
-    def _row(self, event: dict[str, Any]) -> TeacherCacheEvent:
+    def _record(self, session: Any, event: Event) -> None:
         kind = str(event.get("type"))
         level = "error" if kind == "error" else str(event.get("level") or "info")
         message = self.ctx.redact(str(event.get("message") or kind))
-        data = {k: v for k, v in event.items() if k not in ("type", "level", "message")}
-        data = redact_value(_finite(data), self.ctx.redact)
-        return TeacherCacheEvent(
-            cache_id=self.cache_id, type=kind[:32], level=level[:16], message=message, data=data or None
+        data = redact_value(
+            {k: v for k, v in event.items() if k not in ("type", "level", "message")}, self.ctx.redact
         )
+        CACHES.add_event(session, self.cache_id, kind, message, level=level, data=data or None)
 
 
-def _progress(event: dict[str, Any]) -> float | None:
-    """A fraction done from ``progress``, or ``done`` / ``total`` style counters."""
+def _progress(event: Event) -> float | None:
+    """The fraction done: a ``shard`` event's ``progress``, or ``done_shards / total_shards``."""
     if isinstance(event.get("progress"), (int, float)):
         return max(0.0, min(1.0, float(event["progress"])))
-    for done, total in (
-        ("examples_done", "examples_total"),
-        ("shards_done", "shards_total"),
-        ("done", "total"),
-    ):
-        a, b = event.get(done), event.get(total)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
-            return max(0.0, min(1.0, a / b))
-    if event.get("type") == "completed":
-        return 1.0
-    return None
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    done, total = event.get("done_shards"), event.get("total_shards")
+    if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        return max(0.0, min(1.0, done / total))
+    return 1.0 if event.get("type") == "completed" else None
 
 
 def _supervise(
     cache_id: str, owner: str, spec_path: Path, output_dir: Path, ctx: WorkerContext
 ) -> tuple[RunResult, str | None]:
-    recorder = _Recorder(ctx.session_factory, cache_id, owner, ctx)
-    heartbeat = _Heartbeat(ctx.session_factory, cache_id, owner, ctx)
+    tick = _Tick(ctx.session_factory, cache_id, owner, ctx)
 
     def should_stop() -> str | None:
-        if recorder.lease_lost or heartbeat.lost.is_set():
+        if tick.lease_lost:
             return "lease_lost"
-        if heartbeat.cancel_requested.is_set():
+        if tick.cancel_requested:
             return "cancelled"
         return "shutdown" if ctx.shutdown.is_set() else None
 
@@ -297,21 +168,21 @@ def _supervise(
     env["AKL_CACHES_ROOT"] = str(Path(ctx.settings.caches_root or "caches").resolve())
     supervisor = Supervisor(
         runner_argv(spec_path, output_dir, ctx.options.cache_runner_module),
-        on_event=recorder.add,
-        on_tick=recorder.tick,
+        events_path=output_dir / "events.jsonl",
+        check=check_cache_line,
+        on_event=tick.add,
+        on_tick=tick,
         should_stop=should_stop,
         env=env,
         stderr_path=output_dir / "runner.log",
         term_grace_s=ctx.options.term_grace_s,
     )
-    heartbeat.start()
     try:
         result = supervisor.run()
     finally:
         supervisor.terminate()
-        heartbeat.stop()
     for _ in range(10):
-        if recorder.flush():
+        if tick.run():
             break
         time.sleep(3)
     return result, should_stop() if result.stop_reason is None else result.stop_reason
@@ -331,10 +202,11 @@ def _settle(
         return "lost"
     if completed:
         try:
-            return _succeed(cache_id, owner, output_dir, result.last_events["completed"], ctx)
-        except (OSError, ValueError, KeyError) as exc:
+            manifest = read_manifest(output_dir)
+        except (OSError, ValueError) as exc:
             message = f"the build completed but its manifest is unreadable: {exc}"
             return _end(ctx, cache_id, owner, FAILED, message, error_code="invalid_cache")
+        return _end(ctx, cache_id, owner, SUCCEEDED, "succeeded", **_sizes(manifest, ctx))
     if stop == "cancelled":
         return _end(
             ctx, cache_id, owner, CANCELLED, "cancelled; the shards written so far are kept until deleted"
@@ -342,8 +214,10 @@ def _settle(
     if stop == "shutdown" or result.returncode == EXIT_STOPPED or result.returncode < 0:
         crashed = stop != "shutdown" and result.returncode != EXIT_STOPPED
         why = "the worker is shutting down" if not crashed else f"the runner was killed ({result.returncode})"
-        if _retrying(release, ctx.session_factory, cache_id, owner, count_attempt=crashed):
-            note(ctx.session_factory, cache_id, "released", f"back to the queue: {why}")
+        message = f"back to the queue: {why}"
+        if transact(
+            ctx.session_factory, CACHES.release, cache_id, owner, message=message, count_attempt=crashed
+        ):
             try:
                 ctx.enqueue(cache_id, queue)
             except Exception:
@@ -367,23 +241,20 @@ def read_manifest(output_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _succeed(cache_id: str, owner: str, output_dir: Path, event: dict[str, Any], ctx: WorkerContext) -> str:
-    manifest = read_manifest(output_dir)
-    tokens = _int(manifest.get("tokens"))
-    size = _int(manifest.get("bytes"))
+def _sizes(manifest: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
+    """The row's columns from the manifest (server paths in it redacted)."""
+    tokens, size = _int(manifest.get("tokens")), _int(manifest.get("bytes"))
     per_token = manifest.get("bytes_per_token")
     if not isinstance(per_token, (int, float)) and tokens and size is not None:
         per_token = size / tokens
-    values = {
+    return {
         "progress": 1.0,
         "tokens": tokens,
         "examples": _int(manifest.get("examples")),
         "bytes": size,
         "bytes_per_token": float(per_token) if isinstance(per_token, (int, float)) else None,
-        "manifest": redact_value(_finite(manifest), ctx.redact),
+        "manifest": redact_value(finite(manifest), ctx.redact),
     }
-    del event
-    return _end(ctx, cache_id, owner, SUCCEEDED, "succeeded", **values)
 
 
 def _int(value: Any) -> int | None:
@@ -393,76 +264,8 @@ def _int(value: Any) -> int | None:
 def _end(ctx: WorkerContext, cache_id: str, owner: str, status: str, message: str, **values: Any) -> str:
     error_code = values.pop("error_code", None)
     message = ctx.redact(message)
-    if _retrying(
-        finish, ctx.session_factory, cache_id, owner, status,
-        error_code=error_code, error_message=message if error_code else None, **values,
-    ):  # fmt: skip
-        note(ctx.session_factory, cache_id, status, message, level="error" if status == FAILED else "info")
+    transact(
+        ctx.session_factory, CACHES.finish, cache_id, owner, status,
+        message=message, error_code=error_code, error_message=message if error_code else None, **values,
+    )  # fmt: skip
     return status
-
-
-# -- the reconciler's share (worker/reconciler.py calls it) -----------------------------------------
-def reconcile_caches(
-    sf: SessionFactory, enqueue: Any, now: datetime, *, requeue_after_s: float, limit: int = 100
-) -> tuple[list[str], list[str], list[str]]:
-    """Expired leases back to the queue (or cancelled, when asked), stale queued builds
-    re-published. Returns (expired, cancelled, requeued) cache ids."""
-    model = TeacherCache
-    expired_ids, cancelled_ids, requeued_ids = [], [], []
-    stale_before = now - timedelta(seconds=requeue_after_s)
-    with sf() as session:
-        expired = session.execute(
-            select(model.id, model.cancel_requested, model.queue)
-            .where(model.status == RUNNING, model.lease_expires_at < now)
-            .limit(limit)
-        ).all()
-        stale = session.execute(
-            select(model.id, model.enqueued_at, model.queue)
-            .where(
-                model.status == QUEUED,
-                model.deleted_at.is_(None),
-                or_(model.enqueued_at.is_(None), model.enqueued_at < stale_before),
-                model.created_at < stale_before,
-            )
-            .limit(limit)
-        ).all()
-    running_expired = and_(model.status == RUNNING, model.lease_expires_at < now)
-    for cache_id, cancel_requested, queue in expired:
-        if cancel_requested:
-            values: dict[str, Any] = {"status": CANCELLED, "finished_at": now}
-            why, bucket = "its worker died after a cancellation was asked for", cancelled_ids
-        else:
-            values = {"status": QUEUED, "enqueued_at": now}
-            why, bucket = "its worker stopped renewing the lease; back to the queue", expired_ids
-        stmt = update(model).where(model.id == cache_id, running_expired)
-        stmt = stmt.values(lease_owner=None, lease_expires_at=None, **values)
-        if _apply(sf, stmt, cache_id, why) and (cancel_requested or _publish(enqueue, cache_id, queue)):
-            bucket.append(cache_id)
-    for cache_id, enqueued_at, queue in stale:
-        unchanged = model.enqueued_at.is_(None) if enqueued_at is None else model.enqueued_at == enqueued_at
-        stmt = (
-            update(model)
-            .where(model.id == cache_id, model.status == QUEUED, unchanged)
-            .values(enqueued_at=now)
-        )
-        if _apply(sf, stmt, cache_id, None) and _publish(enqueue, cache_id, queue):
-            requeued_ids.append(cache_id)
-    return expired_ids, cancelled_ids, requeued_ids
-
-
-def _apply(sf: SessionFactory, stmt: Any, cache_id: str, why: str | None) -> bool:
-    with sf() as session, session.begin():
-        if session.execute(stmt.execution_options(synchronize_session=False)).rowcount != 1:
-            return False
-        if why is not None:
-            session.add(TeacherCacheEvent(cache_id=cache_id, type="requeued", level="warning", message=why))
-    return True
-
-
-def _publish(enqueue: Any, cache_id: str, queue: str) -> bool:
-    try:
-        enqueue(cache_id, queue)
-    except Exception:
-        log.exception("reconciler: could not enqueue %s", cache_id)
-        return False
-    return True

@@ -2,7 +2,7 @@
 
 Built from the same ``api.queue.celery_client`` as the API's publisher so both agree on broker,
 folders and serialization. Delivery is at-least-once (acks_late, prefetch 1, reject on worker
-lost); exactly-once running comes from the lease in the database (worker/leases.py).
+lost); exactly-once running comes from the lease in the database (api/lifecycle.py).
 
 Run one job per worker process: ``--pool solo`` (the task then runs in the worker's main process
 and sees its SIGTERM), and start one worker per GPU. Warm shutdown (SIGTERM) stops the running
@@ -20,7 +20,7 @@ from celery import signals
 from kombu import Exchange, Queue
 
 from api.core.config import get_settings
-from api.db.session import dispose_engines, get_engine, session_factory
+from api.db.session import get_engine, session_factory
 from api.queue import celery_client, is_filesystem_broker, task_for
 from worker.jobs import WorkerContext
 from worker.options import WorkerOptions
@@ -74,13 +74,6 @@ def context() -> WorkerContext:
         enqueue=enqueue,
         shutdown=_shutdown,
     )
-
-
-@signals.worker_process_init.connect
-def _after_fork(**_: Any) -> None:
-    # prefork pool children must not share the parent's database connections.
-    dispose_engines()
-    context.cache_clear()
 
 
 @signals.worker_ready.connect

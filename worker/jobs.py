@@ -19,19 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
-
+from akl_core.contract import EXIT_FAILED, EXIT_STOPPED
 from api.core.config import Settings
-from api.db.models import CANCELLED, FAILED, SUCCEEDED, Job, JobEvent
+from api.db.models import CANCELLED, FAILED, SUCCEEDED
+from api.lifecycle import JOBS
 from worker import leases
-from worker.leases import ClaimedJob, SessionFactory
+from worker.leases import ClaimedJob, SessionFactory, transact
 from worker.options import WorkerOptions
 from worker.recorder import EventRecorder
 from worker.redact import Redact, make_redactor
-from worker.specs import SpecError, resolve_spec
-from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, RunResult, Supervisor
+from worker.supervisor import RunResult, Supervisor
+from worker.tick import SupervisorTick
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +63,14 @@ def run_job(job_id: str, ctx: WorkerContext) -> str:
             f"killed each time); giving up after {ctx.options.max_attempts} attempts"
         )
         return _end(ctx, job_id, owner, FAILED, message, error_code="too_many_attempts")
-    output_dir = Path(ctx.settings.artifacts_root or "artifacts").resolve() / job_id
-    try:
-        spec = resolve_spec(ctx.session_factory, job)
-    except SpecError as exc:
-        return _end(ctx, job_id, owner, FAILED, exc.message, error_code=exc.code)
+    if job.resolved_spec is None or job.output_dir is None:  # the API sets both at submission
+        message = "the job has no resolved spec or output directory (it was not submitted through the API)"
+        return _end(ctx, job_id, owner, FAILED, message, error_code="invalid_spec")
+    output_dir = Path(job.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         spec_path = output_dir / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-        _set_output_dir(ctx.session_factory, job_id, owner, output_dir)
-        _note(ctx.session_factory, job_id, "running", f"attempt {job.attempts} on worker {owner}")
+        spec_path.write_text(json.dumps(job.resolved_spec, indent=2), encoding="utf-8")
         result, stop = _supervise(job, owner, spec_path, output_dir, ctx)
     except OSError as exc:  # the artifacts root is not writable, the runner cannot start, ...
         log.exception("job %s: could not run", job_id)
@@ -104,63 +99,19 @@ def runner_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class Heartbeat(threading.Thread):
-    """Renews the lease every ``heartbeat_s`` and polls ``cancel_requested`` every ``poll_s``."""
-
-    def __init__(self, session_factory: SessionFactory, job_id: str, owner: str, options: WorkerOptions):
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.session_factory, self.job_id, self.owner, self.options = session_factory, job_id, owner, options
-        self.cancel_requested = threading.Event()
-        self.lost = threading.Event()
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        poll_s = min(self.options.cancel_poll_s, self.options.heartbeat_s)
-        beats = max(1, round(self.options.heartbeat_s / poll_s))
-        tick = 0
-        while not self._stop_event.wait(poll_s):
-            tick += 1
-            try:
-                if tick % beats == 0:
-                    beat = leases.renew(
-                        self.session_factory, self.job_id, self.owner, lease_s=self.options.lease_s
-                    )
-                    if not beat.held:
-                        self.lost.set()
-                    cancel = beat.cancel_requested
-                else:
-                    cancel = _cancel_requested(self.session_factory, self.job_id)
-            except Exception:  # the database may be briefly unreachable; the lease covers that
-                log.exception("heartbeat for job %s failed", self.job_id)
-                continue
-            if cancel:
-                self.cancel_requested.set()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-
-
-def _cancel_requested(session_factory: SessionFactory, job_id: str) -> bool:
-    with session_factory() as session:
-        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
 def _supervise(
     job: ClaimedJob, owner: str, spec_path: Path, output_dir: Path, ctx: WorkerContext
 ) -> tuple[RunResult, str | None]:
     opts = ctx.options
-    recorder = EventRecorder(
-        ctx.session_factory, job.id, owner, output_dir,
-        flush_interval_s=opts.flush_interval_s, flush_max_events=opts.flush_max_events,
-        redact=ctx.redact,
+    tick = SupervisorTick(
+        ctx.session_factory, job.id, owner, EventRecorder(job.id, output_dir, redact=ctx.redact),
+        lease_s=opts.lease_s, every_s=opts.tick_s, max_events=opts.flush_max_events,
     )  # fmt: skip
-    heartbeat = Heartbeat(ctx.session_factory, job.id, owner, opts)
 
     def should_stop() -> str | None:
-        if recorder.lease_lost or heartbeat.lost.is_set():
+        if tick.lease_lost:
             return "lease_lost"
-        if heartbeat.cancel_requested.is_set():
+        if tick.cancel_requested:
             return "cancelled"
         if ctx.shutdown.is_set():
             return "shutdown"
@@ -168,21 +119,20 @@ def _supervise(
 
     supervisor = Supervisor(
         runner_argv(spec_path, output_dir, opts.runner_module),
-        on_event=recorder.add,
-        on_tick=recorder.tick,
+        events_path=output_dir / "events.jsonl",
+        on_event=tick.add,
+        on_tick=tick,
         should_stop=should_stop,
         env=runner_env(ctx.settings),
         stderr_path=output_dir / "runner.log",
         term_grace_s=opts.term_grace_s,
     )
-    heartbeat.start()
     try:
         result = supervisor.run()
     finally:
         supervisor.terminate()
-        heartbeat.stop()
     for _ in range(10):  # the last events (completed / error / stopped) matter most
-        if recorder.flush():
+        if tick.run():
             break
         time.sleep(3)
     return result, should_stop() if result.stop_reason is None else result.stop_reason
@@ -205,10 +155,8 @@ def _settle(job: ClaimedJob, owner: str, result: RunResult, stop: str | None, ct
         # runner resumes from its newest checkpoint. Only a crash counts as an attempt.
         crashed = stop != "shutdown" and result.returncode != EXIT_STOPPED
         why = "the worker is shutting down" if not crashed else f"the runner was killed ({result.returncode})"
-        if _retrying(leases.release, ctx.session_factory, job.id, owner, count_attempt=crashed):
-            _note(
-                ctx.session_factory, job.id, "released", f"back to the queue at step {_step(result)}: {why}"
-            )
+        message = f"back to the queue at step {_step(result)}: {why}"
+        if transact(ctx.session_factory, JOBS.release, job.id, owner, message=message, count_attempt=crashed):
             try:
                 ctx.enqueue(job.id, job.queue)
             except Exception:  # the reconciler re-enqueues it later
@@ -231,44 +179,12 @@ def _step(result: RunResult) -> int:
 
 
 def _end(ctx: WorkerContext, job_id: str, owner: str, status: str, message: str, **values: Any) -> str:
-    """Finish the job (retrying through a database blip) and log it in its events."""
+    """Finish the job (``JOBS.finish``: the status and its event row, retried through a
+    database blip)."""
     error_code = values.pop("error_code", None)
     message = ctx.redact(message)
-    if _retrying(
-        leases.finish, ctx.session_factory, job_id, owner, status,
-        error_code=error_code, error_message=message if error_code else None, **values,
-    ):  # fmt: skip
-        _note(ctx.session_factory, job_id, status, message, level="error" if status == FAILED else "info")
+    transact(
+        ctx.session_factory, JOBS.finish, job_id, owner, status,
+        message=message, error_code=error_code, error_message=message if error_code else None, **values,
+    )  # fmt: skip
     return status
-
-
-def _retrying(fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
-    for attempt in Retrying(
-        retry=retry_if_exception_type(OperationalError),
-        stop=stop_after_delay(60),
-        wait=wait_exponential(max=5),
-        reraise=True,
-    ):
-        with attempt:
-            return fn(*args, **kwargs)
-    return False  # pragma: no cover - Retrying either returns or raises
-
-
-def _note(
-    session_factory: SessionFactory, job_id: str, type_: str, message: str, level: str = "info"
-) -> None:
-    try:
-        with session_factory() as session, session.begin():
-            session.add(JobEvent(job_id=job_id, type=type_, level=level, message=message))
-    except SQLAlchemyError:
-        log.exception("job %s: could not record the %s event", job_id, type_)
-
-
-def _set_output_dir(session_factory: SessionFactory, job_id: str, owner: str, output_dir: Path) -> None:
-    with session_factory() as session, session.begin():
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.lease_owner == owner)
-            .values(output_dir=str(output_dir))
-            .execution_options(synchronize_session=False)
-        )

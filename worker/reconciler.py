@@ -5,8 +5,9 @@
   or ends cancelled if a cancellation was asked for;
 - a queued job that nobody claimed for ``requeue_after_s`` (message lost, broker restarted
   without persistence, API could not publish) is re-enqueued.
-Every change is a conditional UPDATE, so several workers reconciling at once do no harm, and a
-duplicate delivery is harmless anyway: only one worker can claim a job.
+Every change is a lifecycle operation (api/lifecycle.py: one conditional UPDATE), so several
+workers reconciling at once do no harm, and a duplicate delivery is harmless anyway: only one
+worker can claim a job.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Update, and_, or_, select, update
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
-from api.db.models import QUEUED, RUNNING, Job, JobEvent, utcnow
-from worker import leases
-from worker.cache_builds import reconcile_caches
+from api.db.models import CANCELLED, QUEUED, RUNNING, utcnow
+from api.lifecycle import CACHES, JOBS, Lifecycle
 from worker.leases import SessionFactory
 
 log = logging.getLogger(__name__)
@@ -44,82 +46,61 @@ def reconcile(
     requeue_after_s: float = 300.0,
     limit: int = 100,
 ) -> ReconcileReport:
-    """One pass. ``enqueue(job_id, queue)`` publishes (e.g. ``celery_enqueue(celery_app)``)."""
+    """One pass over jobs and teacher-cache builds (the same lifecycle; ``enqueue`` picks the
+    task by the id, ``api.queue.task_for``)."""
     now = now or utcnow()
     report = ReconcileReport()
-    with session_factory() as session:
-        expired = session.execute(
-            select(Job.id, Job.cancel_requested)
-            .where(Job.status == RUNNING, Job.lease_expires_at < now)
-            .limit(limit)
-        ).all()
-        stale_before = now - timedelta(seconds=requeue_after_s)
-        stale = session.execute(
-            select(Job.id, Job.enqueued_at)
-            .where(
-                Job.status == QUEUED,
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale_before),
-                Job.created_at < stale_before,
-            )
-            .order_by(Job.created_at)
-            .limit(limit)
-        ).all()
-    for job_id, cancel_requested in expired:
-        if cancel_requested:
-            if leases.cancel_expired(session_factory, job_id, now=now):
-                report.cancelled.append(job_id)
-        elif _requeue_expired(session_factory, job_id, now, enqueue):
-            report.expired.append(job_id)
-    for job_id, enqueued_at in stale:
-        if _requeue_stale(session_factory, job_id, enqueued_at, now, enqueue):
-            report.requeued.append(job_id)
-    # Teacher-cache builds live on the same lifecycle (worker/cache_builds.py); their ids start "cache-".
-    expired_caches, cancelled_caches, requeued_caches = reconcile_caches(
-        session_factory, enqueue, now, requeue_after_s=requeue_after_s, limit=limit
-    )
-    report.expired += expired_caches
-    report.cancelled += cancelled_caches
-    report.requeued += requeued_caches
+    for lifecycle in (JOBS, CACHES):
+        _reconcile(lifecycle, session_factory, enqueue, now, requeue_after_s, limit, report)
     return report
 
 
-def _requeue_expired(session_factory: SessionFactory, job_id: str, now: datetime, enqueue: Enqueue) -> bool:
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
-        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    why = "its worker stopped renewing the lease (the worker died or lost the database); back to the queue"
-    return _update_and_enqueue(session_factory, stmt, job_id, enqueue, note=why)
-
-
-def _requeue_stale(
+def _reconcile(
+    lifecycle: Lifecycle[Any],
     session_factory: SessionFactory,
-    job_id: str,
-    enqueued_at: datetime | None,
-    now: datetime,
     enqueue: Enqueue,
-) -> bool:
-    unchanged = Job.enqueued_at.is_(None) if enqueued_at is None else Job.enqueued_at == enqueued_at
-    stmt = (
-        update(Job)
-        .where(and_(Job.id == job_id, Job.status == QUEUED, unchanged))
-        .values(enqueued_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return _update_and_enqueue(session_factory, stmt, job_id, enqueue)
+    now: datetime,
+    requeue_after_s: float,
+    limit: int,
+    report: ReconcileReport,
+) -> None:
+    m: Any = lifecycle.model
+    with session_factory() as session:
+        expired = session.scalars(
+            select(m.id).where(m.status == RUNNING, m.lease_expires_at < now).limit(limit)
+        ).all()
+        stale_before = now - timedelta(seconds=requeue_after_s)
+        stale = session.execute(
+            select(m.id, m.enqueued_at)
+            .where(
+                m.status == QUEUED,
+                or_(m.enqueued_at.is_(None), m.enqueued_at < stale_before),
+                m.created_at < stale_before,
+            )
+            .order_by(m.created_at)
+            .limit(limit)
+        ).all()
+    for row_id in expired:
+        with session_factory() as session, session.begin():
+            status = lifecycle.requeue(session, row_id, now=now)
+            queue = _queue(session, m, row_id)
+        if status == CANCELLED:
+            report.cancelled.append(row_id)
+        elif status == QUEUED and _publish(enqueue, row_id, queue):
+            report.expired.append(row_id)
+    for row_id, enqueued_at in stale:
+        with session_factory() as session, session.begin():
+            republished = lifecycle.republish(session, row_id, enqueued_at=enqueued_at, now=now)
+            queue = _queue(session, m, row_id)
+        if republished and _publish(enqueue, row_id, queue):
+            report.requeued.append(row_id)
 
 
-def _update_and_enqueue(
-    session_factory: SessionFactory, stmt: Update, job_id: str, enqueue: Enqueue, note: str | None = None
-) -> bool:
-    with session_factory() as session, session.begin():
-        if session.execute(stmt).rowcount != 1:
-            return False  # another reconciler or a worker got there first
-        if note is not None:
-            session.add(JobEvent(job_id=job_id, type="requeued", level="warning", message=note))
-        queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or "gpu"
+def _queue(session: Session, model: Any, row_id: str) -> str:
+    return session.scalar(select(model.queue).where(model.id == row_id)) or "gpu"
+
+
+def _publish(enqueue: Enqueue, job_id: str, queue: str) -> bool:
     try:
         enqueue(job_id, queue)
     except Exception:  # broker down: enqueued_at moved on, the next pass after requeue_after_s retries

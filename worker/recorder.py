@@ -1,118 +1,49 @@
-"""Write a run's events to the database in batches: one transaction per flush, not per step.
+"""Turn a run's events into database rows, inside the transaction of a supervisor tick.
 
+``SupervisorTick`` (worker/tick.py) hands each batch of events to ``job_values`` (what the job row
+gets: progress, step counters, latest metrics; written by the lease renewal's UPDATE) and to
+``write`` (the history):
 - ``step`` events become ``job_metrics`` rows (the gap history); a step already recorded is skipped
   (ON CONFLICT DO NOTHING), and a run that resumes from an older checkpoint first deletes the rows
   after that checkpoint, so the history never has gaps or duplicates.
 - ``eval`` events become ``job_evaluations``; ``checkpoint`` / ``stopped`` / ``completed`` become
   ``job_checkpoints`` (rows whose directory the runner has since pruned are dropped).
 - everything but ``step`` is also kept in ``job_events`` (the job's log).
-- the job row gets progress, step counters and the latest metrics.
-
-Every flush is conditional on our lease: a worker that lost its job writes nothing more.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from api.db.models import (
-    METRIC_FIELDS,
-    RUNNING,
-    Job,
-    JobCheckpoint,
-    JobEvaluation,
-    JobEvent,
-    JobMetric,
-    utcnow,
-)
-from worker.leases import SessionFactory
+from akl_core.contract import STEP_METRICS, Event, finite, read_events
+from api.db.models import Job, JobCheckpoint, JobEvaluation, JobEvent, JobMetric, utcnow
+from api.lifecycle import JOBS
 from worker.redact import Redact, redact_value
-from worker.supervisor import read_events
 
-log = logging.getLogger(__name__)
-
-Event = dict[str, Any]
-
-# The events that say why a job went back to the queue (worker/jobs.py, worker/reconciler.py).
+# The events that say why a job went back to the queue (worker/jobs.py, api/lifecycle.py).
 RESUME_REASONS = ("released", "requeued")
 LOGGED_TYPES = ("loading", "started", "eval", "checkpoint", "log", "completed", "stopped", "error")
 
 
-class LeaseLost(RuntimeError):
-    """Another worker holds the job now (our lease expired); stop writing and stop the run."""
-
-
 class EventRecorder:
-    def __init__(
-        self,
-        session_factory: SessionFactory,
-        job_id: str,
-        owner: str,
-        output_dir: Path,
-        *,
-        flush_interval_s: float = 1.5,
-        flush_max_events: int = 200,
-        redact: Redact | None = None,
-    ):
+    def __init__(self, job_id: str, output_dir: Path, *, redact: Redact | None = None):
         self.redact: Redact = redact or (lambda text: text)  # server paths out of what tenants read
-        self.session_factory = session_factory
         self.job_id = job_id
-        self.owner = owner
         self.output_dir = output_dir
-        self.flush_interval_s = flush_interval_s
-        self.flush_max_events = flush_max_events
-        self.buffer: list[Event] = []
-        self.last_flush = time.monotonic()
-        self.lease_lost = False
-        self.flushes = 0  # number of transactions written (tests check batching)
         self.previous_step: int | None = None  # the job's current_step when this run started
         self._last_step: tuple[int, float] | None = None  # (step, time) of the previous step event
         self._seconds_per_step: float | None = None
 
-    def add(self, event: Event) -> None:
-        self.buffer.append(event)
-        urgent = event.get("type") in ("loading", "started", "completed", "stopped", "error")
-        if urgent or len(self.buffer) >= self.flush_max_events:
-            self.flush()
-
-    def tick(self) -> None:
-        if self.buffer and time.monotonic() - self.last_flush >= self.flush_interval_s:
-            self.flush()
-
-    def flush(self) -> bool:
-        """Write the buffer in one transaction. A database error keeps the events for the next
-        flush (a blip must not kill a run that is hours in); returns False then."""
-        self.last_flush = time.monotonic()
-        if not self.buffer or self.lease_lost:
-            return True
-        events, self.buffer = self.buffer, []
-        try:
-            with self.session_factory() as session, session.begin():
-                if not self._touch_job(session, events):
-                    self.lease_lost = True
-                    return True
-                self._write(session, events)
-        except SQLAlchemyError as exc:
-            log.warning("job %s: could not record %d events (%s); retrying", self.job_id, len(events), exc)
-            self.buffer = events + self.buffer
-            return False
-        self.flushes += 1
-        return True
-
-    # -- one transaction -------------------------------------------------------------------
-    def _touch_job(self, session: Session, events: list[Event]) -> bool:
-        values: dict[str, Any] = {"heartbeat_at": utcnow()}
-        metrics: dict[str, Any] | None = None
+    def job_values(self, session: Session, events: list[Event]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(column values, current_metrics update) for the job row after ``events``."""
+        values: dict[str, Any] = {}
+        metrics: dict[str, Any] = {}
         for event in events:
             kind = event.get("type")
             if kind == "started":
@@ -126,25 +57,20 @@ class EventRecorder:
                 values.update(current_step=step, trained_tokens=int(event.get("trained_tokens") or 0))
                 if total:
                     values.update(total_steps=total, progress=min(1.0, step / total))
-                metrics = {**(metrics or {}), **_current(event), **self._pace(event)}
+                metrics.update(_current(event), **self._pace(event))
             elif kind == "eval":
-                evals = {f"eval_{k}": _float(v) for k, v in _numbers(event).items() if k != "step"}
-                metrics = {**(metrics or {}), **evals}
+                metrics.update({f"eval_{k}": _float(v) for k, v in _numbers(event).items() if k != "step"})
             elif kind == "completed":
                 values["progress"] = 1.0
                 values["current_step"] = int(event.get("step") or 0)
-        stmt = (
-            update(Job)
-            .where(Job.id == self.job_id, Job.lease_owner == self.owner, Job.status == RUNNING)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        if session.execute(stmt).rowcount != 1:
-            return False
+        return values, metrics
+
+    def write(self, session: Session, events: list[Event], metrics: dict[str, Any]) -> None:
+        """The history rows of ``events``; ``metrics`` merged into the job's current_metrics."""
         if metrics:
             job = session.get_one(Job, self.job_id)
             job.current_metrics = {**(job.current_metrics or {}), **metrics}
-        return True
+        self._write(session, events)
 
     def _write(self, session: Session, events: list[Event]) -> None:
         steps: dict[int, dict[str, Any]] = {}
@@ -156,7 +82,7 @@ class EventRecorder:
                 resumed = int(event.get("resumed_from_step") or 0)
                 self._truncate_after(session, resumed)
                 if resumed or self.previous_step:
-                    session.add(self._resumed_event(session, resumed))
+                    self._resumed_event(session, resumed)
                 if resumed:
                     self._backfill(session, resumed)
             elif kind == "step":
@@ -177,7 +103,7 @@ class EventRecorder:
                     is_final=True,
                 )
             if kind in LOGGED_TYPES:
-                session.add(_job_event(self.job_id, event, self.redact))
+                _job_event(session, self.job_id, event, self.redact)
         self._flush_steps(session, steps)
         if any(e.get("type") in ("started", "checkpoint", "stopped", "completed") for e in events):
             self._prune_checkpoints(session)
@@ -193,7 +119,7 @@ class EventRecorder:
         self._seconds_per_step = pace if previous is None else 0.8 * previous + 0.2 * pace
         return {"seconds_per_step": self._seconds_per_step}
 
-    def _resumed_event(self, session: Session, step: int) -> JobEvent:
+    def _resumed_event(self, session: Session, step: int) -> None:
         """Why this run starts where it does: the last hand-back's reason, and the steps that
         are trained again when the previous run got further than its last checkpoint."""
         why = session.scalar(
@@ -208,7 +134,7 @@ class EventRecorder:
         if before > step:
             message += f"; steps {step + 1}..{before} are trained again (no checkpoint after step {step})"
         data = {"step": step, "previous_step": before, "reason": why}
-        return JobEvent(job_id=self.job_id, type="resumed", level="info", message=message, data=data)
+        JOBS.add_event(session, self.job_id, "resumed", message, data=data)
 
     def _truncate_after(self, session: Session, step: int) -> None:
         """A (re)started run continues from ``step``: history beyond it will be written again."""
@@ -271,7 +197,7 @@ class EventRecorder:
         session.execute(
             delete(JobEvaluation).where(JobEvaluation.job_id == self.job_id, JobEvaluation.step == step)
         )
-        metrics = _finite({k: v for k, v in event.items() if k not in ("type", "step")})
+        metrics = finite({k: v for k, v in event.items() if k not in ("type", "step")})
         session.add(JobEvaluation(job_id=self.job_id, step=step, metrics=metrics))
 
     def _record_checkpoint(self, session: Session, step: int, path: str, *, is_final: bool) -> None:
@@ -298,7 +224,7 @@ def _time(event: Event) -> datetime:
 
 
 def _step_metrics(event: Event) -> dict[str, float | None]:
-    return {name: _float(event.get(name)) for name in METRIC_FIELDS}
+    return {name: _float(event.get(name)) for name in STEP_METRICS}
 
 
 def _current(event: Event) -> dict[str, Any]:
@@ -310,33 +236,23 @@ def _numbers(event: Event) -> dict[str, float]:
 
 
 def _float(value: Any) -> float | None:
+    """A number as a finite float, else None (NaN, inf, null, or not a number)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    return finite(float(value))
 
 
 def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _job_event(job_id: str, event: Event, redact: Redact) -> JobEvent:
+def _job_event(session: Session, job_id: str, event: Event, redact: Redact) -> None:
     kind = str(event.get("type"))
     level = "error" if kind == "error" else str(event.get("level") or "info")
     message = redact(str(event.get("message") or _summary(event)))
-    data = _finite({k: v for k, v in event.items() if k not in ("type", "level", "message")})
+    data = finite({k: v for k, v in event.items() if k not in ("type", "level", "message")})
     data = redact_value(data, redact)
-    return JobEvent(job_id=job_id, type=kind[:32], level=level[:16], message=message, data=data or None)
-
-
-def _finite(value: Any) -> Any:
-    """NaN / inf -> None: JSON columns (PostgreSQL) refuse them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    JOBS.add_event(session, job_id, kind, message, level=level, data=data)
 
 
 def _summary(event: Event) -> str:

@@ -1,4 +1,10 @@
-"""Run ``akl_core.runner`` in a child process and relay its JSON-lines events.
+"""Run ``akl_core.runner`` in a child process and follow its events in OUTPUT_DIR/events.jsonl.
+
+events.jsonl is the one channel from the runner to the worker: it survives a worker restart (the
+next worker reads what an orphaned runner wrote there), and every line is checked against the run
+contract (akl_core/contract.py). The runner's stdout is drained and ignored, with one documented
+exception: when the run failed and events.jsonl holds no `error` event - its disk was full, so
+the runner could only print it - the last `error` line seen on stdout is used.
 
 The child gets its own process group (``start_new_session``) so that a Ctrl-C meant for the worker
 does not reach it directly, and so that killing it also kills anything it spawned (torchrun's
@@ -9,10 +15,9 @@ current optimizer step, writes a checkpoint and exits 3 - and SIGKILL only after
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -20,39 +25,63 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-Event = dict[str, Any]
+import pydantic
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+from akl_core.contract import EXIT_FAILED, Event, parse_line, validate
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def parse_event_line(line: str) -> Event:
-    """One stdout line -> an event. Lines that are not JSON objects with a ``type`` become ``log``
-    events (a stray print in a library must not break the job)."""
-    text = line.strip()
+def checked(line: bytes | str) -> Event:
+    """One events.jsonl line -> its event, validated. What the contract refuses becomes a
+    warning ``log`` event (a bad line must not break the job, and the user should see it)."""
+    event = parse_line(line)
+    if event is None:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        return {"type": "log", "level": "warning", "message": f"unreadable runner event: {text[:2000]}"}
     try:
-        event = json.loads(text)
-    except json.JSONDecodeError:
-        event = None
-    if isinstance(event, dict) and isinstance(event.get("type"), str):
-        return event
-    return {"type": "log", "level": "warning", "message": f"runner stdout: {text[:2000]}"}
+        return validate(event)
+    except pydantic.ValidationError as exc:
+        return {
+            "type": "log",
+            "level": "warning",
+            "message": f"runner event refused by the contract: {exc}"[:4000],
+        }
 
 
-def read_events(path: Path) -> list[Event]:
-    """The events of a runner's events.jsonl (a torn last line, from a kill, is skipped)."""
-    events = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict) and isinstance(event.get("type"), str):
-                events.append(event)
-    return events
+class EventTail:
+    """The complete lines appended to events.jsonl since this tail was made (earlier lines are
+    an earlier run's). Only a regular file is read (never a device a path may point at)."""
+
+    def __init__(self, path: Path, check: Callable[[bytes | str], Event] = checked):
+        self.path = path
+        self.check = check
+        self.offset = self._size()
+        self.partial = b""
+
+    def _size(self) -> int:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def read(self) -> list[Event]:
+        size = self._size()
+        if size < self.offset:  # the file was replaced: read the new one from its start
+            self.offset, self.partial = 0, b""
+        if size == self.offset:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+        except OSError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [self.check(line) for line in lines if line.strip()]
 
 
 @dataclass
@@ -61,19 +90,21 @@ class RunResult:
 
     returncode: int
     stop_reason: str | None
-    killed: bool
     last_events: dict[str, Event] = field(default_factory=dict)  # type -> newest event of that type
     stderr_tail: str = ""
 
 
 class Supervisor:
-    """Start the child, feed each event to ``on_event``, call ``on_tick`` between events, and stop
-    the child when ``should_stop()`` returns a reason (e.g. "cancelled", "shutdown")."""
+    """Start the child, feed each event it appends to ``events_path`` to ``on_event``, call
+    ``on_tick`` after each read (every ``poll_s``), and stop the child when ``should_stop()``
+    returns a reason (e.g. "cancelled", "shutdown")."""
 
     def __init__(
         self,
         argv: Sequence[str],
         *,
+        events_path: Path,
+        check: Callable[[bytes | str], Event] = checked,
         on_event: Callable[[Event], None],
         should_stop: Callable[[], str | None],
         on_tick: Callable[[], None] | None = None,
@@ -84,6 +115,10 @@ class Supervisor:
         poll_s: float = 0.25,
     ):
         self.argv = list(argv)
+        self.events_path = events_path
+        self.check = (
+            check  # a line -> its event (a teacher-cache build's lines differ: worker/cache_builds.py)
+        )
         self.on_event = on_event
         self.should_stop = should_stop
         self.on_tick = on_tick or (lambda: None)
@@ -92,74 +127,63 @@ class Supervisor:
         self.stderr_path = stderr_path
         self.term_grace_s = term_grace_s
         self.poll_s = poll_s
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def run(self) -> RunResult:
-        events: queue.Queue[Event | None] = queue.Queue()
+        tail = EventTail(self.events_path, self.check)  # before the child starts: its events come after
         stderr_file = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=subprocess.PIPE,  # drained, so a closed pipe tells the runner we died
                 stderr=stderr_file,
                 env=self.env,
                 cwd=self.cwd,
-                text=True,
-                bufsize=1,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         finally:
-            if stderr_file is not subprocess.DEVNULL:
+            if not isinstance(stderr_file, int):  # DEVNULL is an int
                 stderr_file.close()
-        reader = threading.Thread(target=self._read, args=(self.proc, events), daemon=True)
-        reader.start()
-        result = self._loop(self.proc, events)
-        reader.join(timeout=5)
+        stdout_errors: list[Event] = []
+        drain = threading.Thread(target=_drain, args=(self.proc, stdout_errors), daemon=True)
+        drain.start()
+        result = self._loop(self.proc, tail)
+        drain.join(timeout=5)
+        if result.returncode == EXIT_FAILED and "error" not in result.last_events and stdout_errors:
+            self._deliver(stdout_errors[-1], result.last_events)  # the disk-full case
         result.stderr_tail = _tail(self.stderr_path)
         return result
 
-    @staticmethod
-    def _read(proc: subprocess.Popen[str], events: queue.Queue[Event | None]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.strip():
-                events.put(parse_event_line(line))
-        events.put(None)  # end of stream
+    def _deliver(self, event: Event, last: dict[str, Event]) -> None:
+        last[event["type"]] = event
+        self.on_event(event)
 
-    def _loop(self, proc: subprocess.Popen[str], events: queue.Queue[Event | None]) -> RunResult:
+    def _loop(self, proc: subprocess.Popen[bytes], tail: EventTail) -> RunResult:
         last: dict[str, Event] = {}
         stop_reason: str | None = None
         term_sent_at: float | None = None
-        killed = False
-        stream_open = True
-        while stream_open or proc.poll() is None:
-            try:
-                event = events.get(timeout=self.poll_s) if stream_open else None
-            except queue.Empty:
-                event = None
-            else:
-                if event is None and stream_open:
-                    stream_open = False
-            if event is not None:
-                last[event["type"]] = event
-                self.on_event(event)
+        while True:
+            for event in tail.read():
+                self._deliver(event, last)
             self.on_tick()
-            if stop_reason is None and proc.poll() is None:
+            if proc.poll() is not None:
+                break
+            if stop_reason is None:
                 stop_reason = self.should_stop()
                 if stop_reason is not None:
                     term_sent_at = time.monotonic()
                     proc.send_signal(signal.SIGTERM)
-            if term_sent_at is not None and not killed and proc.poll() is None:
-                if time.monotonic() - term_sent_at > self.term_grace_s:
-                    _signal_group(proc, signal.SIGKILL)
-                    killed = True
-            if not stream_open and proc.poll() is None:
-                time.sleep(self.poll_s)
+            elif term_sent_at is not None and time.monotonic() - term_sent_at > self.term_grace_s:
+                _signal_group(proc, signal.SIGKILL)
+                term_sent_at = None
+            time.sleep(self.poll_s)
+        for event in tail.read():  # what it wrote just before it exited
+            self._deliver(event, last)
         # The group may still hold grandchildren (torchrun ranks) if the leader exited first.
         _signal_group(proc, signal.SIGKILL)
-        return RunResult(returncode=proc.returncode, stop_reason=stop_reason, killed=killed, last_events=last)
+        return RunResult(returncode=proc.returncode, stop_reason=stop_reason, last_events=last)
 
     def terminate(self) -> None:
         """Stop the child at once (used when the supervising task itself is being torn down)."""
@@ -179,7 +203,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def _signal_group(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+def _drain(proc: subprocess.Popen[bytes], errors: list[Event]) -> None:
+    """Read the runner's stdout to its end, keeping only its `error` events."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = parse_line(line)
+        if event is not None and event["type"] == "error":
+            errors.append(checked(line))
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db.models import CANCELLED, QUEUED, RUNNING, Job, JobEvent, new_id, utcnow
+from api.db.models import QUEUED, RUNNING, Job, JobEvent, new_id
+from api.lifecycle import JOBS
 
 
 class IdempotencyConflict(Exception):
@@ -28,9 +29,7 @@ def add_event(
     level: str = "info",
     data: dict[str, Any] | None = None,
 ) -> JobEvent:
-    event = JobEvent(job_id=job_id, type=type, message=message, level=level, data=data)
-    session.add(event)
-    return event
+    return JOBS.add_event(session, job_id, type, message, level=level, data=data)
 
 
 def get_job(*, session: Session, tenant_id: int, job_id: str) -> Job | None:
@@ -72,20 +71,15 @@ def create_job(
     job = Job(
         id=job_id,
         tenant_id=tenant_id,
-        status=QUEUED,
         spec=spec,
         resolved_spec=resolved_spec,
         metadata_=metadata,
         idempotency_key=idempotency_key,
         queue=queue,
-        # Published right after the commit; if that fails the reconciler republishes it once
-        # enqueued_at is older than its requeue delay.
-        enqueued_at=utcnow(),
         output_dir=f"{artifacts_root.rstrip('/')}/{job_id}",
         total_steps=total_steps,
     )
-    session.add(job)
-    add_event(session=session, job_id=job_id, type="created", message=f"job created on queue {queue}")
+    JOBS.create(session, job)
     try:
         session.commit()
     except IntegrityError:
@@ -131,29 +125,11 @@ def active_jobs_using_file(*, session: Session, tenant_id: int, file_id: str) ->
 
 
 def request_cancel(*, session: Session, job: Job) -> bool:
-    """Cancel ``job``: a queued job is cancelled at once; a running job gets ``cancel_requested``
-    and the worker stops it. Conditional updates make this safe against the worker claiming the
-    job at the same moment. Returns False when the job had already finished."""
-    now = utcnow()
-    already_requested = job.cancel_requested  # read first: the updates below refresh ``job``
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == QUEUED)
-        .values(status=CANCELLED, cancel_requested=True, finished_at=now)
-    )
-    if cancelled.rowcount == 1:
-        add_event(session=session, job_id=job.id, type="cancelled", message="job cancelled before it started")
-    else:
-        flagged = session.execute(
-            update(Job).where(Job.id == job.id, Job.status == RUNNING).values(cancel_requested=True)
-        )
-        if flagged.rowcount != 1:
-            session.rollback()
-            return False
-        if not already_requested:  # asked twice: one event is enough
-            add_event(
-                session=session, job_id=job.id, type="cancel_requested", message="cancellation requested"
-            )
+    """Cancel ``job`` (``JOBS.cancel``: a queued job at once, a running one through its worker)
+    and commit. Returns False when the job had already finished."""
+    if JOBS.cancel(session, job.id) is None:
+        session.rollback()
+        return False
     session.commit()
     session.refresh(job)
     return True

@@ -13,16 +13,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import (
-    CANCELLED,
-    QUEUED,
-    RUNNING,
-    Job,
-    TeacherCache,
-    TeacherCacheEvent,
-    new_id,
-    utcnow,
-)
+from api.db.models import QUEUED, RUNNING, Job, TeacherCache, TeacherCacheEvent, new_id, utcnow
+from api.lifecycle import CACHES
 
 CACHE_REF_PREFIX = "cache:"  # a job's teacher "cache:<id>"
 
@@ -35,20 +27,6 @@ def relative_ref(row: TeacherCache, caches_root: Path) -> str:
     """``cache:<path under the caches root>``: the teacher reference the trainer reads."""
     rel = Path(row.output_dir or "").resolve().relative_to(caches_root.resolve())
     return f"{CACHE_REF_PREFIX}{rel.as_posix()}"
-
-
-def add_event(
-    *,
-    session: Session,
-    cache_id: str,
-    type: str,
-    message: str,
-    level: str = "info",
-    data: dict[str, Any] | None = None,
-) -> TeacherCacheEvent:
-    event = TeacherCacheEvent(cache_id=cache_id, type=type, message=message, level=level, data=data)
-    session.add(event)
-    return event
 
 
 def get_cache(*, session: Session, tenant_id: int, cache_id: str) -> TeacherCache | None:
@@ -74,17 +52,14 @@ def create_cache(
     row = TeacherCache(
         id=cache_id,
         tenant_id=tenant_id,
-        status=QUEUED,
         teacher=spec["teacher"],
         top_k=spec["top_k"],
         spec=spec,
         resolved_spec=resolved_spec,
         queue=queue,
-        enqueued_at=utcnow(),
         output_dir=str(cache_dir(caches_root, tenant_id, cache_id)),
     )
-    session.add(row)
-    add_event(session=session, cache_id=cache_id, type="created", message=f"cache build queued on {queue}")
+    CACHES.create(session, row)
     session.commit()
     return row
 
@@ -130,34 +105,11 @@ def active_jobs_using_cache(*, session: Session, tenant_id: int, cache_id: str) 
 
 
 def request_cancel(*, session: Session, row: TeacherCache) -> bool:
-    """A queued build is cancelled at once; a running one gets ``cancel_requested`` and its worker
-    stops it (the runner keeps the shards it finished). False when it had already finished."""
-    already_requested = row.cancel_requested
-    cancelled = session.execute(
-        update(TeacherCache)
-        .where(TeacherCache.id == row.id, TeacherCache.status == QUEUED)
-        .values(status=CANCELLED, cancel_requested=True, finished_at=utcnow())
-    )
-    if cancelled.rowcount == 1:
-        add_event(
-            session=session,
-            cache_id=row.id,
-            type="cancelled",
-            message="cache build cancelled before it started",
-        )
-    else:
-        flagged = session.execute(
-            update(TeacherCache)
-            .where(TeacherCache.id == row.id, TeacherCache.status == RUNNING)
-            .values(cancel_requested=True)
-        )
-        if flagged.rowcount != 1:
-            session.rollback()
-            return False
-        if not already_requested:
-            add_event(
-                session=session, cache_id=row.id, type="cancel_requested", message="cancellation requested"
-            )
+    """Cancel a build (``CACHES.cancel``: a queued one at once, a running one through its worker,
+    which keeps the shards it finished) and commit. False when it had already finished."""
+    if CACHES.cancel(session, row.id) is None:
+        session.rollback()
+        return False
     session.commit()
     session.refresh(row)
     return True
@@ -174,7 +126,7 @@ def delete_cache(*, session: Session, row: TeacherCache) -> bool:
     if done.rowcount != 1:
         session.rollback()
         return False
-    add_event(session=session, cache_id=row.id, type="deleted", message="cache deleted")
+    CACHES.add_event(session, row.id, "deleted", "teacher cache deleted")
     return True
 
 

@@ -28,6 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from akl_core.contract import STEP_METRICS
+
 # Job states. A job is created queued; the worker moves it to running and to one terminal state.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -173,11 +175,9 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
-# Per-step numbers recorded by the worker from "step" events (docs/architecture.md#events).
-METRIC_FIELDS = (
-    "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s",
-    "g_head", "g_tail", "w_head", "fkl", "rkl", "head_size",
-)  # fmt: skip
+# Per-step numbers recorded by the worker from "step" events: one column each below, checked
+# against the run contract by tests/api/test_run_contract.py.
+METRIC_FIELDS = STEP_METRICS
 
 
 class JobMetric(Base):

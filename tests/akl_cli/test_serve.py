@@ -24,8 +24,7 @@ from tests.worker import services
 pytestmark = pytest.mark.integration
 
 AKL = [sys.executable, "-m", "akl_cli.main"]
-FAST = {"AKL_WORKER_LEASE_S": "6", "AKL_WORKER_HEARTBEAT_S": "1", "AKL_WORKER_FLUSH_INTERVAL_S": "0.5",
-        "AKL_WORKER_RECONCILE_EVERY_S": "1", "AKL_WORKER_CANCEL_POLL_S": "0.5"}  # fmt: skip
+FAST = {"AKL_WORKER_LEASE_S": "6", "AKL_WORKER_TICK_S": "0.5", "AKL_WORKER_RECONCILE_EVERY_S": "1"}
 
 
 def _env(root: Path, models_root: Path) -> dict[str, str]:

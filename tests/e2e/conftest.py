@@ -81,7 +81,7 @@ def redis_stack(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             "AKL_DATABASE_URL": db_url,
             "AKL_BROKER_URL": redis_url,
             "AKL_MODELS_ROOT": str(models_root),
-            "AKL_WORKER_CANCEL_POLL_S": "1",
+            "AKL_WORKER_TICK_S": "1",
         }
         worker = services.start_group(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu", "--pool",

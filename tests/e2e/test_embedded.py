@@ -53,7 +53,7 @@ class Embedded:
         self.root, self.data_root, self.port = root, root / "data", services.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "AKL_DATA_ROOT": str(self.data_root), "AKL_MODELS_ROOT": str(models_root),
-                    "AKL_URL": self.url, "AKL_WORKER_CANCEL_POLL_S": "1"}  # fmt: skip
+                    "AKL_URL": self.url, "AKL_WORKER_TICK_S": "1"}  # fmt: skip
         for name in ("AKL_DATABASE_URL", "AKL_BROKER_URL", "AKL_ARTIFACTS_ROOT", "AKL_API_KEY"):
             self.env.pop(name, None)
         self.starts = 0

@@ -37,9 +37,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # Short timings so that faults play out in seconds (defaults: 30 s lease, 20 s reconcile, 300 s requeue).
 FAST_WORKER = {
     "AKL_WORKER_LEASE_S": "6",
-    "AKL_WORKER_HEARTBEAT_S": "1",
-    "AKL_WORKER_CANCEL_POLL_S": "0.5",
-    "AKL_WORKER_FLUSH_INTERVAL_S": "0.5",
+    "AKL_WORKER_TICK_S": "0.5",
     "AKL_WORKER_RECONCILE_EVERY_S": "1",
     "AKL_WORKER_REQUEUE_AFTER_S": "3",
     "AKL_WORKER_TERM_GRACE_S": "30",

@@ -21,7 +21,7 @@ def test_dropped_database_connections_503_then_recovery_without_restart(stack: S
     steps = 40
     key = stack.new_key("alice")
     # A lease well above the outage: a blip must not hand a healthy run to another worker.
-    worker = stack.start_worker("steady", AKL_WORKER_LEASE_S="40", AKL_WORKER_HEARTBEAT_S="2")
+    worker = stack.start_worker("steady", AKL_WORKER_LEASE_S="40", AKL_WORKER_TICK_S="2")
     api_pid = stack.api.pid
     with stack.http(key) as http:
         job_id = stack.submit(http, tiny_job(tmp_path, steps=steps, checkpoint_every=10))

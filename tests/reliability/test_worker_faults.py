@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from akl_core.contract import read_events
 from tests.reliability.conftest import Stack, crash, tiny_job
-from worker.supervisor import read_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -17,6 +17,10 @@ from worker.options import WorkerOptions
 FAKE_RUNNER = "tests.worker.fake_runner"
 
 
+def artifacts_root(tmp_path: Path) -> Path:
+    return (tmp_path / "data" / "artifacts").resolve()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
@@ -46,10 +50,13 @@ def tenant_id(sf: sessionmaker[Session]) -> int:
 
 
 @pytest.fixture
-def make_job(sf: sessionmaker[Session], tenant_id: int):
+def make_job(sf: sessionmaker[Session], tenant_id: int, tmp_path: Path):
+    """A queued job as the API leaves it: its resolved spec and output directory set."""
+
     def make(fake: dict | None = None, **values) -> str:
         spec = {"teacher": "preset:tiny", "data": {"train": "demo:train"}, "_fake": fake or {}}
         job_id = new_id("job")
+        values = {"resolved_spec": spec, "output_dir": str(artifacts_root(tmp_path) / job_id), **values}
         with sf() as session, session.begin():
             session.add(Job(id=job_id, tenant_id=tenant_id, status=QUEUED, spec=spec, queue="cpu", **values))
         return job_id
@@ -69,7 +76,7 @@ def ctx(
     monkeypatch.setenv("PYTHONPATH", str(services.REPO))  # the runner child imports tests.worker
     settings = Settings(data_root=tmp_path / "data", database_url=db_url)
     options = WorkerOptions(
-        lease_s=4, heartbeat_s=1, cancel_poll_s=0.2, flush_interval_s=0.2, term_grace_s=3,
+        lease_s=4, tick_s=0.2, term_grace_s=3,
         runner_module=FAKE_RUNNER, max_attempts=3,
     )  # fmt: skip
     return WorkerContext(settings=settings, options=options, session_factory=sf, enqueue=Enqueued())

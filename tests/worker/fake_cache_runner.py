@@ -3,7 +3,7 @@
 
 It writes one shard file per ``_fake.shards`` (``shard_s`` seconds each), skips the shards already
 on disk (a resumed build does not redo them; ``done.log`` records each one written), emits
-``progress`` events, writes ``manifest.json`` last and prints ``completed``. SIGTERM: ``stopped``
+``shard`` events (the real builder's names, akl_core/cache_builder.py), writes ``manifest.json`` last and prints ``completed``. SIGTERM: ``stopped``
 after the current shard, exit 3. ``fail``: an error event, exit 1.
 """
 
@@ -35,7 +35,7 @@ def main() -> int:
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     done = sorted(p.name for p in out.glob("shard-*.bin"))
-    emit(out, {"type": "started", "shards_total": total, "shards_done": len(done), "device": "cpu"})
+    emit(out, {"type": "started", "total_shards": total, "resumed_shards": len(done), "device": "cpu"})
     if fake.get("fail"):
         emit(out, {"type": "error", "code": fake["fail"], "message": f"fake failure reading {spec_path}"})
         return 1
@@ -47,9 +47,11 @@ def main() -> int:
         (out / name).write_bytes(b"\0" * BYTES_PER_SHARD)
         with open(out / "done.log", "a") as f:
             f.write(name + "\n")
-        emit(out, {"type": "progress", "shards_done": index + 1, "shards_total": total})
+        done_shards = len(list(out.glob("shard-*.bin")))
+        event = {"type": "shard", "index": index, "done_shards": done_shards, "total_shards": total}
+        emit(out, {**event, "progress": done_shards / total})
         if stop["requested"] and index + 1 < total:
-            emit(out, {"type": "stopped", "shards_done": index + 1})
+            emit(out, {"type": "stopped", "done_shards": done_shards, "total_shards": total})
             return 3
     tokens, size = total * TOKENS_PER_SHARD, total * BYTES_PER_SHARD
     manifest = {

@@ -3,7 +3,8 @@ torch: ``python -m tests.worker.fake_runner SPEC.json OUTPUT_DIR``.
 
 Behaviour comes from the spec's ``_fake`` section: ``steps``, ``step_s`` (seconds per step),
 ``checkpoint_every``, ``fail`` (an error code: print an error event and exit 1), ``crash_at``
-(exit 7 without an event at that step), ``ignore_term`` (ignore SIGTERM: the supervisor must
+(exit 7 without an event at that step), ``stdout_only`` (the error event reaches stdout only, as
+with a full disk), ``ignore_term`` (ignore SIGTERM: the supervisor must
 SIGKILL), ``noise`` (print a non-JSON line first). It resumes from its newest checkpoint.
 """
 
@@ -18,10 +19,10 @@ from pathlib import Path
 OUT: Path | None = None
 
 
-def emit(event: dict) -> None:
+def emit(event: dict, stdout_only: bool = False) -> None:
     """Like the real runner: every event to events.jsonl in OUTPUT_DIR, and to stdout."""
     line = json.dumps(event) + "\n"
-    if OUT is not None:
+    if OUT is not None and not stdout_only:
         with open(OUT / "events.jsonl", "a") as f:
             f.write(line)
     sys.stdout.write(line)
@@ -69,7 +70,9 @@ def main() -> int:
         }
     )
     if fake.get("fail"):
-        emit({"type": "error", "code": fake["fail"], "message": "fake failure"})
+        emit(
+            {"type": "error", "code": fake["fail"], "message": "fake failure"}, fake.get("stdout_only", False)
+        )
         return 1
     tokens = start * 10
     for step in range(start + 1, total + 1):

@@ -15,13 +15,12 @@ from api.db.models import (
     FAILED,
     QUEUED,
     SUCCEEDED,
-    Job,
     TeacherCache,
     TeacherCacheEvent,
     new_id,
     utcnow,
 )
-from worker import cache_builds
+from api.lifecycle import CACHES
 from worker.cache_builds import build_cache
 from worker.reconciler import reconcile
 
@@ -122,7 +121,8 @@ def test_a_killed_build_is_requeued_and_resumes_without_redoing_shards(sf, make_
     for index in range(3):  # what the killed run had written
         (out / f"shard-{index:05d}.bin").write_bytes(b"\0" * 6400)
     owner = "dead-worker"
-    assert cache_builds.claim(sf, cache_id, owner, lease_s=30) is not None
+    with sf() as session, session.begin():
+        assert CACHES.claim(session, cache_id, owner, lease_s=30) is not None
     with sf() as session, session.begin():  # the dead worker's lease runs out
         session.execute(
             update(TeacherCache)
@@ -140,7 +140,8 @@ def test_a_killed_build_is_requeued_and_resumes_without_redoing_shards(sf, make_
 
 def test_an_expired_lease_with_a_cancel_request_ends_cancelled(sf, make_cache, cache_ctx) -> None:
     cache_id = make_cache()
-    assert cache_builds.claim(sf, cache_id, "dead", lease_s=30) is not None
+    with sf() as session, session.begin():
+        assert CACHES.claim(session, cache_id, "dead", lease_s=30) is not None
     with sf() as session, session.begin():
         session.execute(
             update(TeacherCache)
@@ -176,27 +177,3 @@ def test_a_shutdown_gives_the_build_back(sf, make_cache, cache_ctx) -> None:
     assert (row.status, row.attempts, row.lease_owner) == (QUEUED, 0, None)
     assert cache_ctx.enqueue == [(cache_id, "cpu")]
     assert _events(sf, cache_id)[-2:] == ["stopped", "released"]
-
-
-def test_a_jobs_cache_id_resolves_to_the_cache_folder_or_fails_invalid_cache(
-    sf, make_cache, make_job, cache_ctx, tenant_id
-) -> None:
-    """The worker turns ``cache:<id>`` into ``cache:<tenant>/<id>`` (the trainer's reference);
-    a cache that is not built, deleted, or another tenant's fails the job with invalid_cache."""
-    from worker.leases import claim
-    from worker.specs import SpecError, resolve_spec
-
-    cache_id = make_cache({"shards": 1})
-    job_id = make_job()
-    with sf() as session, session.begin():
-        session.get_one(Job, job_id).spec = {"teacher": f"cache:{cache_id}", "data": {"train": "demo:train"}}
-    job = claim(sf, job_id, "w", lease_s=30)
-    with pytest.raises(SpecError, match="is queued, not built") as not_built:
-        resolve_spec(sf, job)
-    assert not_built.value.code == "invalid_cache"
-    assert build_cache(cache_id, cache_ctx) == SUCCEEDED
-    assert resolve_spec(sf, job)["teacher"] == f"cache:{tenant_id}/{cache_id}"
-    with sf() as session, session.begin():
-        session.get_one(TeacherCache, cache_id).deleted_at = utcnow()
-    with pytest.raises(SpecError, match="does not exist or was deleted"):
-        resolve_spec(sf, job)

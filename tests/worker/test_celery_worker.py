@@ -34,8 +34,7 @@ def worker_env(db_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
         "AKL_DATABASE_URL": db_url,
         "AKL_BROKER_URL": redis_url,
         "AKL_WORKER_RUNNER_MODULE": FAKE_RUNNER,
-        "AKL_WORKER_CANCEL_POLL_S": "0.5",
-        "AKL_WORKER_HEARTBEAT_S": "2",
+        "AKL_WORKER_TICK_S": "0.5",
         "AKL_WORKER_LEASE_S": "6",
         "PYTHONPATH": str(services.REPO),
     }
@@ -95,7 +94,7 @@ def test_worker_runs_cancels_and_hands_back_jobs_on_shutdown(sf, make_job, worke
 
     # The re-enqueued message is picked up by the next worker, which resumes from the checkpoint.
     with sf() as session, session.begin():
-        session.get_one(Job, handed_back).spec = {"_fake": {"steps": job.current_step + 20}}
+        session.get_one(Job, handed_back).resolved_spec = {"_fake": {"steps": job.current_step + 20}}
     proc = start_worker(worker_env, tmp_path / "worker2.log")
     try:
         services.wait_for(
@@ -114,7 +113,6 @@ def test_a_killed_worker_job_is_reclaimed_by_another_worker_and_resumed(
     env = {
         **worker_env,
         "AKL_WORKER_LEASE_S": "4",
-        "AKL_WORKER_HEARTBEAT_S": "1",
         "AKL_WORKER_RECONCILE_EVERY_S": "1",
     }
     doomed = start_worker(env, tmp_path / "doomed.log")

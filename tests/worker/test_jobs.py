@@ -14,7 +14,6 @@ from api.db.models import (
     QUEUED,
     RUNNING,
     SUCCEEDED,
-    File,
     Job,
     JobCheckpoint,
     JobEvent,
@@ -57,18 +56,13 @@ def _wait_step(sf, job_id, step: int, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_success_records_status_history_and_resolved_spec(sf, make_job, ctx, tenant_id, tmp_path: Path):
+def test_success_records_status_history_and_runs_the_resolved_spec(sf, make_job, ctx, tmp_path: Path):
     data = tmp_path / "train.jsonl"
-    data.write_text('{"prompt": "a", "response": "b"}\n')
-    with sf() as session, session.begin():
-        session.add(File(id="file-abc", tenant_id=tenant_id, filename="t.jsonl", purpose="train", bytes=10,
-                         num_examples=1, path=str(data)))  # fmt: skip
     job_id = make_job({"steps": 30, "checkpoint_every": 10})
-    with sf() as session, session.begin():
-        session.get_one(Job, job_id).spec = {
-            "data": {"train": "file-abc"},
-            "_fake": {"steps": 30, "checkpoint_every": 10},
-        }
+    with sf() as session, session.begin():  # the API replaced the file id by its path
+        job = session.get_one(Job, job_id)
+        job.spec = {"data": {"train": "file-abc"}, "_fake": {"steps": 30, "checkpoint_every": 10}}
+        job.resolved_spec = {"data": {"train": str(data)}, "_fake": {"steps": 30, "checkpoint_every": 10}}
     assert run_job(job_id, ctx) == "succeeded"
     job = _job(sf, job_id)
     assert (job.status, job.progress, job.current_step, job.lease_owner, job.attempts) == (
@@ -82,7 +76,7 @@ def test_success_records_status_history_and_resolved_spec(sf, make_job, ctx, ten
     assert _steps(sf, job_id) == list(range(1, 31))
     out = Path(job.output_dir)
     assert out == ctx.settings.artifacts_root.resolve() / job_id
-    assert '"train": "' + str(data) in (out / "spec.json").read_text()  # file id -> absolute path
+    assert '"train": "' + str(data) in (out / "spec.json").read_text()  # the row's resolved spec
     with sf() as session:
         paths = session.scalars(select(JobCheckpoint.path).where(JobCheckpoint.job_id == job_id)).all()
     assert sorted(paths) == [
@@ -103,12 +97,10 @@ def test_runner_error_event_fails_the_job_with_its_code(sf, make_job, ctx):
     assert (job.status, job.error_code, job.error_message) == (FAILED, "nan_loss", "fake failure")
 
 
-def test_unknown_file_fails_with_invalid_data(sf, make_job, ctx):
-    job_id = make_job()
-    with sf() as session, session.begin():
-        session.get_one(Job, job_id).spec = {"data": {"train": "file-missing"}}
+def test_a_job_without_a_resolved_spec_fails_with_invalid_spec(sf, make_job, ctx):
+    job_id = make_job(resolved_spec=None)
     assert run_job(job_id, ctx) == "failed"
-    assert _job(sf, job_id).error_code == "invalid_data"
+    assert _job(sf, job_id).error_code == "invalid_spec"
 
 
 def test_cancellation_stops_the_child_within_seconds_and_keeps_a_checkpoint(sf, make_job, ctx):

@@ -5,8 +5,16 @@ from pathlib import Path
 from sqlalchemy import select
 
 from api.db.models import Job, JobCheckpoint, JobEvaluation, JobEvent, JobMetric
+from api.lifecycle import JOBS
 from worker import leases
 from worker.recorder import EventRecorder
+from worker.tick import SupervisorTick
+
+
+def _recorder(sf, job_id: str, owner: str, out: Path, max_events: int = 1000) -> SupervisorTick:
+    """The recorder as the worker drives it: through the supervisor's tick (no timer here)."""
+    recorder = EventRecorder(job_id, out)
+    return SupervisorTick(sf, job_id, owner, recorder, lease_s=30, every_s=3600, max_events=max_events)
 
 
 def _step(step: int, total: int = 20) -> dict:
@@ -24,7 +32,7 @@ def _steps(sf, job_id):
 def test_batches_steps_and_records_history(sf, make_job, tmp_path: Path):
     job_id = make_job()
     assert leases.claim(sf, job_id, "me", lease_s=30)
-    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=50)
+    rec = _recorder(sf, job_id, "me", tmp_path, 50)
     rec.add({"type": "started", "total_steps": 120, "resumed_from_step": 0})
     assert rec.flushes == 1  # lifecycle events are written at once
     for step in range(1, 121):
@@ -50,17 +58,17 @@ def test_batches_steps_and_records_history(sf, make_job, tmp_path: Path):
         types = session.scalars(
             select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
         ).all()
-        assert types == ["started", "checkpoint", "eval", "completed"]
+        assert types == ["running", "started", "checkpoint", "eval", "completed"]
 
 
 def test_resume_from_older_checkpoint_leaves_no_gaps_or_duplicates(sf, make_job, tmp_path: Path):
     job_id = make_job()
     assert leases.claim(sf, job_id, "me", lease_s=30)
-    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=1000)
+    rec = _recorder(sf, job_id, "me", tmp_path, 1000)
     rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
     for step in range(1, 13):
         rec.add(_step(step))
-    rec.flush()
+    rec.run()
     # The run died after step 12; the newest checkpoint was at step 10. The resumed run replays
     # steps 9.. (a duplicate 9, 10) - their rows must not be duplicated, 11 and 12 are rewritten.
     rec.add(_step(9))
@@ -68,7 +76,7 @@ def test_resume_from_older_checkpoint_leaves_no_gaps_or_duplicates(sf, make_job,
     for step in range(11, 21):
         rec.add(_step(step))
     rec.add(_step(15))  # a duplicate in the same batch
-    rec.flush()
+    rec.run()
     assert _steps(sf, job_id) == list(range(1, 21))
 
 
@@ -77,9 +85,9 @@ def test_a_recorder_that_lost_its_lease_writes_nothing(sf, make_job, tmp_path: P
     assert leases.claim(sf, job_id, "me", lease_s=30)
     with sf() as session, session.begin():
         session.get_one(Job, job_id).lease_owner = "someone-else"
-    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=1000)
+    rec = _recorder(sf, job_id, "me", tmp_path, 1000)
     rec.add(_step(1))
-    rec.flush()
+    rec.run()
     assert rec.lease_lost and _steps(sf, job_id) == []
 
 
@@ -90,11 +98,11 @@ def test_resume_backfills_history_the_previous_worker_never_recorded(sf, make_jo
 
     job_id = make_job()
     assert leases.claim(sf, job_id, "me", lease_s=30)
-    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600, flush_max_events=1000)
+    rec = _recorder(sf, job_id, "me", tmp_path, 1000)
     rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
     for step in range(1, 8):
         rec.add(_step(step))
-    rec.flush()
+    rec.run()
     (tmp_path / "checkpoints/step-00000012").mkdir(parents=True)
     lines = [{"type": "started", "total_steps": 20, "resumed_from_step": 0}]
     lines += [_step(step) | {"loss": 2.0} for step in range(1, 13)]
@@ -123,17 +131,15 @@ def test_a_resumed_run_says_from_which_step_why_and_which_steps_are_trained_agai
 ):
     job_id = make_job()
     assert leases.claim(sf, job_id, "first", lease_s=30)
-    first = EventRecorder(sf, job_id, "first", tmp_path, flush_interval_s=3600)
+    first = _recorder(sf, job_id, "first", tmp_path)
     first.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
     for step in range(1, 9):
         first.add(_step(step))
-    first.flush()
-    assert leases.release(sf, job_id, "first", count_attempt=True)
-    with sf() as session, session.begin():
-        why = "back to the queue at step 8: the runner was killed (-9)"
-        session.add(JobEvent(job_id=job_id, type="released", message=why))
+    first.run()
+    why = "back to the queue at step 8: the runner was killed (-9)"
+    assert leases.transact(sf, JOBS.release, job_id, "first", message=why, count_attempt=True)
     assert leases.claim(sf, job_id, "second", lease_s=30)
-    second = EventRecorder(sf, job_id, "second", tmp_path, flush_interval_s=3600)
+    second = _recorder(sf, job_id, "second", tmp_path)
     second.add({"type": "started", "total_steps": 20, "resumed_from_step": 5})
     (resumed,) = [e for e in _events(sf, job_id) if e.type == "resumed"]
     assert resumed.message == (
@@ -147,11 +153,11 @@ def test_a_resumed_run_says_from_which_step_why_and_which_steps_are_trained_agai
 def test_steps_carry_their_time_and_the_job_its_pace(sf, make_job, tmp_path: Path):
     job_id = make_job()
     assert leases.claim(sf, job_id, "me", lease_s=30)
-    rec = EventRecorder(sf, job_id, "me", tmp_path, flush_interval_s=3600)
+    rec = _recorder(sf, job_id, "me", tmp_path)
     rec.add({"type": "started", "total_steps": 20, "resumed_from_step": 0})
     for step in range(1, 6):
         rec.add({**_step(step), "time": 1_800_000_000.0 + 2.0 * step})  # one step every 2 s
-    rec.flush()
+    rec.run()
     with sf() as session:
         rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step))
         assert [int(r.created_at.timestamp()) - 1_800_000_000 for r in rows] == [2, 4, 6, 8, 10]
