@@ -551,3 +551,20 @@ def test_real_teacher_k64_is_under_400_bytes_per_token(tmp_path, files):
     assert m["vocab_size"] == 49152 and m["id_dtype"] == "uint16"
     assert m["bytes_per_token"] <= 400
     open_cache(tmp_path / "real")  # sizes and digests check out
+
+
+def test_cli_cache_info_and_verify(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from akl_core.cli import cache_app
+
+    runner = CliRunner()
+    result = runner.invoke(cache_app, ["info", str(built), "--verify"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "top_k       8 of 768" in result.output and "B/token" in result.output and "verified" in result.output
+    )
+    broken = _copy(built, tmp_path)
+    (broken / "validation-00000.safetensors").write_bytes(b"")
+    result = runner.invoke(cache_app, ["info", str(broken), "--verify"])
+    assert result.exit_code == 1 and "invalid_cache" in result.output
