@@ -77,7 +77,7 @@ class StepContext:
     @property
     def fused(self) -> bool:
         """The fused lm_head + loss: the wrappers return hidden states, not logits."""
-        return unwrap(self.student).hidden_only
+        return bool(unwrap(self.student).hidden_only)
 
     @property
     def precision(self) -> str:
@@ -92,15 +92,15 @@ class StepSums:
     kd: float = 0.0
     tokens: float = 0.0  # valid (response) tokens
     seq_tokens: float = 0.0  # non-padding input tokens, for throughput
-    stats: dict[str, float] | None = None  # gap stats, summed weighted by tokens
+    stats: dict[str, float] = field(default_factory=dict)  # gap stats, summed weighted by tokens
 
     def as_list(self) -> list[float]:
-        stats = self.stats or {}
-        return [self.ce, self.kd, self.tokens, self.seq_tokens, *(stats.get(k, 0.0) for k in STEP_STATS)]
+        return [self.ce, self.kd, self.tokens, self.seq_tokens, *(self.stats.get(k, 0.0) for k in STEP_STATS)]
 
     @classmethod
     def from_list(cls, values: list[float]) -> StepSums:
-        return cls(*values[:4], stats=dict(zip(STEP_STATS, values[4:], strict=True)))
+        ce, kd, tokens, seq_tokens = values[:4]
+        return cls(ce, kd, tokens, seq_tokens, stats=dict(zip(STEP_STATS, values[4:], strict=True)))
 
 
 def autocast(device: torch.device, precision: str):

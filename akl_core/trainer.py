@@ -259,7 +259,10 @@ def _step_event(
 
 
 def _due(every_steps: int | None, step: int) -> bool:
-    return bool(every_steps) and step % every_steps == 0
+    """Whether a periodic action (every ``every_steps`` steps; 0 or None: never) falls on ``step``."""
+    if not every_steps:
+        return False
+    return step % every_steps == 0
 
 
 def _stop_requested(run: _Run) -> bool:
