@@ -177,3 +177,18 @@ def test_a_shutdown_gives_the_build_back(sf, make_cache, cache_ctx) -> None:
     assert (row.status, row.attempts, row.lease_owner) == (QUEUED, 0, None)
     assert cache_ctx.enqueue == [(cache_id, "cpu")]
     assert _events(sf, cache_id)[-2:] == ["stopped", "released"]
+
+
+def test_cache_build_lines_are_read_with_the_cache_contract() -> None:
+    from akl_core.contract import validate_cache_event
+    from worker.cache_builds import check_cache_line
+
+    shard = check_cache_line(b'{"type": "shard", "done_shards": 1, "total_shards": 2, "progress": NaN}')
+    assert shard == {"type": "shard", "done_shards": 1, "total_shards": 2, "progress": None}
+    torn = check_cache_line(b'{"type": "sha')
+    assert torn["type"] == "log" and torn["level"] == "warning"
+    assert validate_cache_event({"type": "completed", "tokens": 5, "bytes": 340})["tokens"] == 5
+    with pytest.raises(ValueError, match="unknown cache build event type 'step'"):
+        validate_cache_event({"type": "step", "step": 1})
+    with pytest.raises(ValueError):  # an error event is the runner contract's, code and message
+        validate_cache_event({"type": "error", "code": "invalid_cache"})
