@@ -252,12 +252,13 @@ def expire_leases_of(database_url: str, pid: int) -> None:
     rather than when they run out: the restarted worker's reconciler takes its job at its first pass,
     and the resumed runner waits on the output lock for the orphan's exit checkpoint."""
     from api.db.session import make_engine, session_factory
-    from api.lifecycle import JOBS
+    from api.lifecycle import CACHES, JOBS
 
     engine = make_engine(database_url)
     try:
         with session_factory(engine)() as session, session.begin():
-            JOBS.expire_leases(session, f"{socket.gethostname()}:{pid}:")
+            for lifecycle in (JOBS, CACHES):  # its job or its teacher-cache build
+                lifecycle.expire_leases(session, f"{socket.gethostname()}:{pid}:")
     except Exception as exc:  # the lease then runs out by itself
         typer.echo(f"warning: could not release the jobs of worker pid {pid}: {exc}", err=True)
     finally:

@@ -66,13 +66,16 @@ def collate(batch: list[Row], pad_id: int) -> Batch:
 
 
 def micro_batch(rows: list[Row], ids: list[int], pad_id: int, device: torch.device) -> Batch:
-    """The tensors of the examples ``ids`` on ``device``. An empty slot at the end of an epoch
-    becomes one fully masked example: it keeps DDP in lock-step and adds no token."""
+    """The tensors of the examples ``ids`` on ``device``, and ``example_ids`` (B,) (a teacher
+    cache reads its rows by them). An empty slot at the end of an epoch becomes one fully masked
+    example (id -1): it keeps DDP in lock-step and adds no token."""
     if ids:
         chosen = [rows[i] for i in ids]
     else:
         chosen = [{"input_ids": rows[0]["input_ids"], "labels": [IGNORE_INDEX] * len(rows[0]["input_ids"])}]
-    return {k: v.to(device) for k, v in collate(chosen, pad_id).items()}
+    batch = collate(chosen, pad_id)
+    batch["example_ids"] = torch.tensor(ids or [-1], dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def next_step_batches(

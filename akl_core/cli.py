@@ -3,6 +3,8 @@
   akl distill SPEC.yaml [--output DIR] [--no-resume]   run a job locally with a progress bar
   akl eval MODEL_DIR [--data demo:test] [--teacher REF]  evaluate a model directory
   akl models prepare NAME [--force]                    create a preset under the models root
+  akl cache build SPEC.yaml [--output DIR]             store a teacher's top-k over a data set
+  akl cache info DIR|cache:NAME [--verify]             a cache's manifest in brief
 Heavy imports (torch, transformers) stay inside the commands.
 """
 
@@ -18,6 +20,9 @@ from typing import Annotated, Any
 import typer
 
 models_app = typer.Typer(help="Model presets and the local models root.", no_args_is_help=True)
+cache_app = typer.Typer(
+    help="Teacher caches: a teacher's top-k, stored once for many students.", no_args_is_help=True
+)
 
 
 def _console():
@@ -29,12 +34,12 @@ def _console():
 class _ProgressView:
     """Renders run events: a rich progress bar for steps, one line for other events."""
 
-    def __init__(self, console):
+    def __init__(self, console, label: str = "distill"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]distill"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
@@ -225,8 +230,141 @@ def prepare_command(
     typer.echo(str(path))
 
 
+@cache_app.command("build")
+def cache_build_command(
+    spec: Annotated[Path, typer.Argument(help="cache spec (YAML or JSON)", exists=True, dir_okay=False)],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="cache directory (default: CACHES_ROOT/SPEC_STEM)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="keep the finished shards of an interrupted build")] = True,
+) -> None:
+    """Run the teacher over the data once and store its top-k per response token."""
+    from akl_core.cache_runner import load_cache_spec_file
+    from akl_core.cache_spec import default_caches_root
+    from akl_core.events import DistillError
+    from akl_core.runner import EXIT_STOPPED
+
+    console = _console()
+    try:
+        cache_spec = load_cache_spec_file(spec)
+    except DistillError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(2) from exc
+    root = default_caches_root()
+    output = output or root / spec.stem
+    from transformers.utils import logging as hf_logging
+
+    from akl_core.cache_builder import build_cache
+
+    hf_logging.disable_progress_bar()
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        console.print("[yellow]stopping: finished shards are kept (Ctrl-C again to abort)[/yellow]")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with _CacheProgressView(console, "cache") as view:
+            result = build_cache(
+                cache_spec, output, on_event=view, should_stop=lambda: stop["requested"], resume=resume
+            )
+    except DistillError as exc:
+        raise typer.Exit(1) from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result["status"] == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
+    ref = _cache_ref(output, root)
+    console.print(f"done: {output}" + (f" (a job's teacher: {ref})" if ref else ""))
+
+
+def _cache_ref(path: Path, root: Path) -> str | None:
+    """``cache:NAME`` when ``path`` lies inside the caches root."""
+    try:
+        return "cache:" + path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+class _CacheProgressView(_ProgressView):
+    """The progress bar of a cache build: shards done, tokens/s."""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "started":
+            self.task = self.progress.add_task(
+                "", total=event["total_shards"], completed=event["resumed_shards"]
+            )
+            self.console.print(
+                f"caching top-{event['top_k']} of {event['vocab_size']} on {event['device']}: "
+                f"{event['num_examples']} examples, {event['total_tokens']} response tokens, "
+                f"{event['total_shards']} shards ({event['resumed_shards']} already done)"
+            )
+        elif kind == "shard" and self.task is not None:
+            desc = f"{event['split']} {event['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=event["done_shards"], description=desc)
+        elif kind == "teacher_eval":
+            self.console.print(
+                f"teacher rouge_l {event['rouge_l']:.2f} ± {event['rouge_l_std']:.2f} "
+                f"on {event['num_examples']} validation prompts"
+            )
+        elif kind != "shard":
+            super().__call__(event)
+
+
+@cache_app.command("info")
+def cache_info_command(
+    cache: Annotated[str, typer.Argument(help="a cache directory, or cache:NAME under the caches root")],
+    verify: Annotated[bool, typer.Option(help="check every shard's size and sha256")] = False,
+    output_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
+) -> None:
+    """Show a cache's teacher, k, size and bytes per token (and check its shards)."""
+    from akl_core.cache_spec import is_cache_ref, read_manifest, resolve_cache_ref
+
+    console = _console()
+    try:
+        path = resolve_cache_ref(cache) if is_cache_ref(cache) else Path(cache)
+        manifest = read_manifest(path)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    if verify:
+        from akl_core.events import DistillError
+        from akl_core.teacher_cache import open_cache
+
+        try:
+            open_cache(path, verify=True)
+        except DistillError as exc:
+            console.print(f"[red]{exc.code}: {exc.message}[/red]")
+            raise typer.Exit(1) from exc
+    if output_json:
+        typer.echo(manifest.model_dump_json(indent=2))
+        return
+    m = manifest
+    lines = [
+        f"cache       {path}",
+        f"teacher     {m.teacher} (weights sha256 {m.teacher_weights_sha256[:12]}, {m.teacher_dtype})",
+        f"top_k       {m.top_k} of {m.vocab_size} ({m.id_dtype} ids, {m.logprob_dtype} log-probs)",
+        f"lengths     max_length {m.max_length}, max_prompt_length {m.max_prompt_length}",
+    ]
+    for name, split in m.splits.items():
+        lines.append(f"{name:<11} {split.data}: {split.examples} examples, {split.tokens} tokens")
+    lines.append(f"size        {m.bytes} bytes in {len(m.shards)} shards, {m.bytes_per_token:.1f} B/token")
+    if m.teacher_eval:
+        lines.append(
+            f"teacher     rouge_l {m.teacher_eval['rouge_l']:.2f} on {m.teacher_eval['num_examples']} prompts"
+        )
+    if verify:
+        lines.append("verified    every shard's size and sha256 match the manifest")
+    typer.echo("\n".join(lines))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `akl` app."""
     app.command("distill")(distill_command)
     app.command("eval")(eval_command)
     app.add_typer(models_app, name="models")
+    app.add_typer(cache_app, name="cache")

@@ -38,6 +38,7 @@ ERROR_CODES = (
     "disk_full",
     "nan_loss",
     "no_gpu",
+    "invalid_cache",  # a teacher cache that is corrupt, truncated, or built for other data / settings
     "internal_error",
 )
 WORKER_ERROR_CODES = ("too_many_attempts",)
@@ -243,3 +244,19 @@ def read_events(path: Path) -> list[Event]:
     """All events of an events.jsonl file, as written (a torn line, from a crash, is skipped)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         return [event for line in f if (event := parse_line(line)) is not None]
+
+
+# -- a teacher-cache build's events (akl_core/cache_builder.py documents their fields) ------------
+# The cache runner shares the job runner's process contract (exit codes, events.jsonl, `error`),
+# with events of its own: its `started` / `completed` / `stopped` count shards, not steps.
+CACHE_EVENT_TYPES = ("loading", "started", "shard", "teacher_eval", "log", "completed", "stopped", "error")
+
+
+def validate_cache_event(event: Event) -> Event:
+    """A cache build's event: a known ``type`` first, NaN as None (ValueError otherwise)."""
+    kind = event.get("type")
+    if kind not in CACHE_EVENT_TYPES:
+        raise ValueError(f"unknown cache build event type {kind!r}; known: {', '.join(CACHE_EVENT_TYPES)}")
+    if kind == "error":
+        return validate(event)
+    return finite({"type": kind, **{k: v for k, v in event.items() if k != "type"}})

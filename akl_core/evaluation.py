@@ -214,21 +214,26 @@ def _teacher_key(spec: EvaluationSpec, prompts: Sequence[Sequence[int]]) -> str:
 
 
 def teacher_rouge(
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
     references: Sequence[Sequence[str]],
     spec: EvaluationSpec,
     device: torch.device | str,
     cache_dir: Path | None,
-) -> dict[str, Any]:
-    """The teacher's Rouge-L (the reference line), computed once and cached in ``cache_dir``."""
+) -> dict[str, Any] | None:
+    """The teacher's Rouge-L (the reference line), computed once and cached in ``cache_dir``.
+
+    Without a teacher (a job on a teacher cache, whose directory is ``cache_dir``) only a stored
+    line scored with the same settings and prompts is returned; otherwise None."""
     key = _teacher_key(spec, prompts)
     path = Path(cache_dir) / TEACHER_CACHE if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["metrics"]
+    if teacher is None:
+        return None
     metrics = rouge_over_seeds(teacher, tokenizer, prompts, references, spec, device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,8 +286,10 @@ def evaluate_model(
             refs = [data.prompt_and_references(examples[i], tokenizer)[1] for i in chosen]
             gen = rouge_over_seeds(model, tokenizer, prompts, refs, spec, device)
             out.update(gen, num_examples=len(chosen))
-            if teacher is not None and spec.teacher_reference:
+            ref = None
+            if spec.teacher_reference and (teacher is not None or cache_dir is not None):
                 ref = teacher_rouge(teacher, tokenizer, prompts, refs, spec, device, cache_dir)
+            if ref is not None:
                 out.update(
                     teacher_rouge_l=ref["rouge_l"],
                     teacher_rouge_l_std=ref["rouge_l_std"],

@@ -97,9 +97,16 @@ class EventSink:
     """Writes events to a JSON-lines file and forwards them to a callback. Either may be None
     (non-zero DDP ranks get a sink with neither)."""
 
-    def __init__(self, path: Path | None = None, callback: Callable[[Event], None] | None = None):
+    def __init__(
+        self,
+        path: Path | None = None,
+        callback: Callable[[Event], None] | None = None,
+        *,
+        check: Callable[[Event], Event] = validate,
+    ):
         self.path = path
         self.callback = callback
+        self.check = check  # the contract's validate; a cache build's validate_cache_event
         self._file = None
         if path is not None:
             self._file = open_for_append(path)  # closed in close()
@@ -112,7 +119,7 @@ class EventSink:
             self.callback(event)
 
     def emit(self, type_: str, **fields: Any) -> Event:
-        event = make_event(type_, **fields)
+        event = self.check({"type": type_, **{k: _plain(v) for k, v in fields.items()}})
         self(event)
         return event
 

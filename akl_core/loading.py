@@ -1,8 +1,11 @@
-"""What a run loads before its first step: the teacher, the student, the tokenizer and the data."""
+"""What a run loads before its first step: the teacher, the student, the tokenizer and the data.
+
+A job whose teacher is a cache (``cache:NAME``) loads no teacher: ``akl_core/cached_teacher.py``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,14 @@ from akl_core.spec import JobSpec
 @dataclass
 class RunInputs:
     tokenizer: Any
-    teacher: nn.Module  # frozen, eval mode
+    teacher: nn.Module | None  # frozen, eval mode; None when the teacher is a cache
     student: nn.Module  # the bare model (not wrapped), train mode, float32
     vocab: int  # logit columns both models share
     train: list[Row]  # tokenized training examples
     validation: list[data.Example]  # raw validation examples (evaluation tokenizes them itself)
     pad_id: int
+    cache: Any = None  # cached_teacher.CachedTeacher when the teacher is a cache
+    notes: list[str] = field(default_factory=list)  # warnings for the run's log
 
 
 def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -42,6 +47,10 @@ def load_inputs(
     resume_from: Path | None,
 ) -> RunInputs:
     """Load everything a run needs; the student comes from ``resume_from`` (a checkpoint) when given."""
+    if spec.teacher.startswith("cache:"):
+        from akl_core.cached_teacher import load_cache_inputs
+
+        return load_cache_inputs(spec, device, models_root, allow_hub, resume_from)
     t = spec.training
     teacher_path = models.resolve_model_ref(spec.teacher, models_root=models_root, allow_hub=allow_hub)
     tokenizer = models.load_tokenizer(teacher_path)
@@ -57,6 +66,15 @@ def load_inputs(
             models.check_tokenizers(tokenizer, models.load_tokenizer(s_path))
     student = student.to(device=device, dtype=torch.float32)
     vocab = models.common_vocab_size(teacher, student, tokenizer)
+    train, validation = load_data(spec, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prepare_for_training(student, teacher, t.gradient_checkpointing)
+    return RunInputs(tokenizer, teacher, student, vocab, train, validation, pad_id)
+
+
+def load_data(spec: JobSpec, tokenizer: Any) -> tuple[list[Row], list[data.Example]]:
+    """(tokenized training examples, raw validation examples) as the run uses them."""
+    t = spec.training
     examples = data.read_examples(spec.data.train, spec.data.format, spec.data.max_train_examples)
     train = data.tokenize_examples(examples, tokenizer, t.max_length, t.max_prompt_length)
     validation = []
@@ -66,16 +84,15 @@ def load_inputs(
         )
     if not train:
         raise DistillError("invalid_data", "the training data has no examples")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    _prepare_for_training(student, teacher, t.gradient_checkpointing)
-    return RunInputs(tokenizer, teacher, student, vocab, train, validation, pad_id)
+    return train, validation
 
 
-def _prepare_for_training(student: nn.Module, teacher: nn.Module, gradient_checkpointing: bool) -> None:
+def prepare_for_training(student: nn.Module, teacher: nn.Module | None, gradient_checkpointing: bool) -> None:
     if gradient_checkpointing:
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
             student.activation_checkpointing_enable({"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
-    teacher.eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)

@@ -16,6 +16,9 @@ from akl_core.names import LossName
 # A model reference: "preset:NAME" (tiny, smollm2-135m-instruct), a local directory (resolved under
 # the models root), or "hf:ORG/NAME" (a hub id, refused unless the operator allows hub downloads).
 MODEL_REF_PATTERN = r"^(preset:[A-Za-z0-9._-]+|hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|[A-Za-z0-9._/-]+)$"
+# A job's teacher may also be a teacher cache: "cache:NAME" under the caches root (CLI) or
+# "cache:ID" (API). Such a job never runs the teacher forward (akl_core/cache_spec.py).
+TEACHER_REF_PATTERN = r"^(cache:[A-Za-z0-9._/-]+|" + MODEL_REF_PATTERN[2:]
 
 
 # A student is smaller than its teacher: no size field of a real LLM config exceeds this, and a
@@ -148,7 +151,7 @@ class ResourceSpec(_Strict):
 class JobSpec(_Strict):
     """A distillation job: teacher, student, data, loss, hyper-parameters."""
 
-    teacher: str = Field(..., max_length=512, pattern=MODEL_REF_PATTERN)
+    teacher: str = Field(..., max_length=512, pattern=TEACHER_REF_PATTERN)
     student: StudentSpec = Field(default_factory=lambda: StudentSpec(num_layers=2))
     data: DataSpec
     loss: LossSpec = Field(default_factory=LossSpec)
@@ -170,11 +173,12 @@ class JobSpec(_Strict):
 
 
 def check_model_ref(ref: str, field: str) -> str:
-    """Refuse references that could escape the models root ('..', absolute paths)."""
-    body = ref.split(":", 1)[1] if ref.startswith(("preset:", "hf:")) else ref
-    if ref.startswith("/") or any(part == ".." for part in body.split("/")):
+    """Refuse references that could escape the models (or caches) root ('..', absolute paths)."""
+    body = ref.split(":", 1)[1] if ref.startswith(("preset:", "hf:", "cache:")) else ref
+    if ref.startswith("/") or body.startswith("/") or any(part == ".." for part in body.split("/")):
+        root = "caches root" if ref.startswith("cache:") else "models root"
         raise ValueError(
-            f"{field}: '..' and absolute paths are not allowed; name a directory under the models root"
+            f"{field}: '..' and absolute paths are not allowed; name a directory under the {root}"
         )
     return ref
 

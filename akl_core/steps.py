@@ -8,6 +8,8 @@ One optimizer step (read top to bottom, nanoGPT style):
 Logits are computed only at response positions (the LM head applied to the selected hidden
 states): prompt and padding positions never cost a (V,)-sized row. With ``loss.fused`` the
 full logits never exist at all: lm_head and divergence are fused (akl_core/fused.py).
+With a teacher cache the teacher's side is its stored top-k rows (akl_core/cached_teacher.py)
+and the divergence the sparse one (akl_core/sparse.py, akl_core/sparse_fused.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 from akl_core import divergences
 from akl_core.batches import Batch
+from akl_core.cached_teacher import CachedTeacher
 from akl_core.ddp import DistInfo, unwrap
 from akl_core.events import STEP_STATS, DistillError
 from akl_core.fused import compute_fused
+from akl_core.sparse import compute_sparse
+from akl_core.sparse_fused import compute_sparse_fused
 from akl_core.spec import JobSpec
+from akl_core.teacher_cache import CacheRows
 
 
 class ResponseLogits(nn.Module):
@@ -62,7 +68,7 @@ class StepContext:
     """What every optimizer step of a run uses; built once per run."""
 
     student: nn.Module  # a ResponseLogits (under DDP with several processes)
-    teacher: nn.Module  # a ResponseLogits of the frozen teacher
+    teacher: nn.Module | CachedTeacher  # a ResponseLogits of the frozen teacher, or its cache
     spec: JobSpec
     vocab: int  # logit columns both models share (akl_core.models.common_vocab_size)
     info: DistInfo = field(default_factory=DistInfo)
@@ -157,20 +163,26 @@ def train_step(
 def micro_loss(ctx: StepContext, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], int]:
     """(ce_sum, kd_sum, gap stats summed over tokens, valid tokens) for one micro-batch."""
     name = ctx.spec.loss.name
-    t_out = teacher_outputs(ctx, batch)  # (N, V), or (N, H') on the fused path
+    t_out = teacher_outputs(ctx, batch)  # (N, V), (N, H') on the fused path, or cached rows
     with autocast(batch["input_ids"].device, ctx.precision):
         s_out, targets = ctx.student(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (N, V|H)
-    losses = _fused_losses if ctx.fused else _unfused_losses
-    ce_sum, out = losses(ctx, s_out, t_out, targets)
+    if isinstance(t_out, CacheRows):
+        ce_sum, out = _cached_losses(ctx, s_out, t_out, targets)
+    else:
+        losses = _fused_losses if ctx.fused else _unfused_losses
+        ce_sum, out = losses(ctx, s_out, t_out, targets)
     kd_sum = out.loss_sum if name != "sft" else ce_sum.new_zeros(())
     # stats are means over the divergence's own valid tokens: weight them by that count
     stats_sum = {k: float(out.stats.get(k, 0.0)) * out.num_tokens for k in STEP_STATS}
     return ce_sum, kd_sum, stats_sum, int(targets.numel())
 
 
-def teacher_outputs(ctx: StepContext, batch: Batch) -> torch.Tensor:
+def teacher_outputs(ctx: StepContext, batch: Batch) -> torch.Tensor | CacheRows:
     """The teacher's side of the loss at the N response positions, without gradients: logits
-    (N, V), or hidden states (N, H') on the fused path. The one place a step asks the teacher."""
+    (N, V), or hidden states (N, H') on the fused path, or a cache's rows (top-k ids (N, k),
+    log-probs (N, k), tail log-mass (N,)). The one place a step asks the teacher."""
+    if isinstance(ctx.teacher, CachedTeacher):
+        return ctx.teacher(batch)
     with torch.no_grad(), autocast(batch["input_ids"].device, ctx.precision):
         t_out, _ = ctx.teacher(batch["input_ids"], batch["attention_mask"], batch["labels"])
     return t_out
@@ -229,6 +241,39 @@ def _fused_losses(ctx: StepContext, s_hidden: torch.Tensor, t_hidden: torch.Tens
             teacher_softcap=t_cap,
             **opts,
         )
+    return ce_sum, out
+
+
+def _cached_losses(ctx: StepContext, s_out: torch.Tensor, rows: CacheRows, targets: torch.Tensor):
+    """(CE sum, divergence output) from the student's logits (N, V) - or hidden states (N, H)
+    on the fused path - and a cache's top-k rows: the sparse twins of the two functions above."""
+    if rows.topk_ids.shape[0] != targets.numel():
+        raise DistillError(
+            "invalid_cache",
+            f"the cache gave {rows.topk_ids.shape[0]} rows for {targets.numel()} response tokens",
+        )
+    kd_name, opts = _divergence(ctx.spec)
+    teacher = (rows.topk_ids, rows.topk_logprobs, rows.tail_logmass)
+    vocab = ctx.vocab
+    with torch.set_grad_enabled(ctx.spec.loss.name != "sft" and torch.is_grad_enabled()):
+        if ctx.fused:
+            s_w, s_b, s_cap = _head_parts(ctx.student)
+            ce_sum = _chunked_ce(s_out, s_w, targets, s_b, s_cap)
+            bias = None if s_b is None else s_b[:vocab]
+            out = compute_sparse_fused(
+                kd_name,
+                s_out,
+                s_w[:vocab],
+                *teacher,
+                targets,
+                student_bias=bias,
+                student_softcap=s_cap,
+                **opts,
+            )
+        else:
+            ce_sum = F.cross_entropy(s_out.float(), targets, reduction="sum")
+            s_logits = s_out if s_out.shape[-1] == vocab else s_out[:, :vocab]
+            out = compute_sparse(kd_name, s_logits, *teacher, targets, **opts)
     return ce_sum, out
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from akl_core import checkpoint as ckpt
-from akl_core import evaluation, loading
+from akl_core import data, evaluation, loading
 from akl_core.batches import DataOrder, next_step_batches
 from akl_core.ddp import DistInfo, init_distributed, wrap
 from akl_core.events import DistillError, Event, EventSink, classify_error, json_safe, step_event
@@ -180,7 +180,9 @@ def _step_context(run: _Run, inputs: RunInputs) -> StepContext:
     """The models as a step sees them: logits (or, fused, hidden states) at response positions."""
     fused = run.spec.loss.fused
     student = wrap(ResponseLogits(inputs.student, hidden_only=fused), run.info, run.device)
-    teacher = ResponseLogits(inputs.teacher, hidden_only=fused)
+    teacher = (
+        ResponseLogits(inputs.teacher, hidden_only=fused) if inputs.teacher is not None else inputs.cache
+    )
     return StepContext(student, teacher, run.spec, inputs.vocab, run.info, run.device)
 
 
@@ -220,6 +222,8 @@ def _announce(run: _Run, inputs: RunInputs, total: int, state: ckpt.TrainState, 
         run.sink.log(f"resumed from {latest.relative_to(run.output_dir)}")
     if not inputs.validation:
         run.sink.log("no validation data (data.validation): evaluation is skipped", "warning")
+    for note in inputs.notes:
+        run.sink.log(note, "warning")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +298,7 @@ class _Checkpoints:
 
 
 def _evaluate(run: _Run, inputs: RunInputs, step: int) -> dict[str, Any]:
+    t = run.spec.training
     inputs.student.eval()
     try:
         metrics = evaluation.evaluate_model(
@@ -303,11 +308,20 @@ def _evaluate(run: _Run, inputs: RunInputs, step: int) -> dict[str, Any]:
             run.spec.evaluation,
             teacher=inputs.teacher,
             vocab_size=inputs.vocab,
-            max_length=run.spec.training.max_length,
-            max_prompt_length=run.spec.training.max_prompt_length,
+            max_length=t.max_length,
+            max_prompt_length=t.max_prompt_length,
             device=run.device,
-            cache_dir=run.output_dir,
+            # a teacher cache holds the teacher's line, scored when it was built
+            cache_dir=run.output_dir if inputs.cache is None else inputs.cache.path,
         )
+        if inputs.cache is not None:
+            tokenized = [
+                data.tokenize_example(ex, inputs.tokenizer, t.max_length, t.max_prompt_length)
+                for ex in inputs.validation
+            ]
+            metrics["val_kl"] = inputs.cache.val_kl(
+                inputs.student, tokenized, inputs.pad_id, run.spec.evaluation.batch_size, run.device
+            )
     finally:
         inputs.student.train()
     return {"step": step, **metrics}

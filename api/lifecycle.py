@@ -37,6 +37,8 @@ from api.db.models import (
     TERMINAL_STATUSES,
     Job,
     JobEvent,
+    TeacherCache,
+    TeacherCacheEvent,
     UTCDateTime,
     utcnow,
 )
@@ -307,5 +309,7 @@ JOBS: Lifecycle[Job] = Lifecycle(Job, JobEvent, "job_id")
 # A job that ends notifies its tenant's webhooks: the outbox row is written in the same transaction
 # as the terminal UPDATE, so it exists exactly when the job ended (api/webhooks/outbox.py).
 JOBS.on_terminal(enqueue_terminal_event)
+# Teacher-cache builds (api/routes/teacher_caches.py, worker/cache_builds.py): the same machine.
+CACHES: Lifecycle[TeacherCache] = Lifecycle(TeacherCache, TeacherCacheEvent, "cache_id", noun="teacher cache")
 
-__all__ = ["CANCELLED", "FAILED", "JOBS", "QUEUED", "RUNNING", "SUCCEEDED", "Lease", "Lifecycle"]
+__all__ = ["CACHES", "CANCELLED", "FAILED", "JOBS", "QUEUED", "RUNNING", "SUCCEEDED", "Lease", "Lifecycle"]

@@ -18,6 +18,8 @@ from api.core.config import Settings
 log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "akl.run_job"
+BUILD_CACHE_TASK = "akl.build_teacher_cache"
+CACHE_ID_PREFIX = "cache-"  # teacher cache ids; everything else the queues carry is a job id
 # Long jobs: with acks_late a Redis message is redelivered after the visibility timeout. Leases in
 # the database make a redelivery harmless, but keep it well above the usual run time.
 REDIS_VISIBILITY_TIMEOUT_S = 12 * 3600
@@ -79,10 +81,16 @@ def queue_for(device: str, settings: Settings) -> str:
     return settings.default_queue or settings.gpu_queue
 
 
+def task_for(row_id: str) -> str:
+    """The task that runs a row: a cache build for ``cache-...``, else a distillation job."""
+    return BUILD_CACHE_TASK if row_id.startswith(CACHE_ID_PREFIX) else RUN_JOB_TASK
+
+
 def enqueue_job(client: Celery, *, job_id: str, queue: str) -> bool:
-    """Announce a job; False (and a warning) when the broker cannot be reached."""
+    """Announce a job or a cache build (by its id); False (and a warning) when the broker cannot
+    be reached."""
     try:
-        client.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=False)
+        client.send_task(task_for(job_id), args=[job_id], queue=queue, retry=False)
     except Exception as exc:  # broker down or misconfigured: the reconciler retries later
         log.warning("could not enqueue %s on %s: %s", job_id, queue, type(exc).__name__)
         return False

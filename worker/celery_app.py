@@ -21,7 +21,7 @@ from kombu import Exchange, Queue
 
 from api.core.config import get_settings
 from api.db.session import get_engine, session_factory
-from api.queue import RUN_JOB_TASK, celery_client, is_filesystem_broker
+from api.queue import celery_client, is_filesystem_broker, task_for
 from worker.jobs import WorkerContext
 from worker.options import WorkerOptions
 from worker.reconciler import ReconcilerThread
@@ -59,9 +59,10 @@ _reconciler: ReconcilerThread | None = None
 
 
 def enqueue(job_id: str, queue: str) -> None:
-    """Publish ``akl.run_job(job_id)`` (thread-safe: the reconciler thread publishes too)."""
+    """Publish ``akl.run_job(job_id)``, or ``akl.build_teacher_cache`` for a ``cache-...`` id
+    (thread-safe: the reconciler thread publishes too)."""
     with _publish_lock:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        app.send_task(task_for(job_id), args=[job_id], queue=queue)
 
 
 @lru_cache

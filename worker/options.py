@@ -23,6 +23,9 @@ class WorkerOptions(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="a job claimed more often than this fails")
     reconcile_every_s: float = Field(20.0, gt=0, description="period of the reconciler loop")
     runner_module: str = Field("akl_core.runner", description="python -m MODULE SPEC.json OUTPUT_DIR")
+    cache_runner_module: str = Field(
+        "akl_core.cache_runner", description="python -m MODULE SPEC.json CACHE_DIR (teacher cache builds)"
+    )
     requeue_after_s: float = Field(
         300.0, gt=0, description="re-enqueue a queued job not picked up for this long"
     )

@@ -17,12 +17,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from api.db.models import CANCELLED, QUEUED, RUNNING, Job, utcnow
-from api.lifecycle import JOBS
+from api.db.models import CANCELLED, QUEUED, RUNNING, utcnow
+from api.lifecycle import CACHES, JOBS, Lifecycle
 from worker.leases import SessionFactory
 
 log = logging.getLogger(__name__)
@@ -45,43 +46,58 @@ def reconcile(
     requeue_after_s: float = 300.0,
     limit: int = 100,
 ) -> ReconcileReport:
-    """One pass. ``enqueue(job_id, queue)`` publishes (``worker.celery_app.enqueue``)."""
+    """One pass over jobs and teacher-cache builds (the same lifecycle; ``enqueue`` picks the
+    task by the id, ``api.queue.task_for``)."""
     now = now or utcnow()
     report = ReconcileReport()
-    with session_factory() as session:
-        expired = session.scalars(
-            select(Job.id).where(Job.status == RUNNING, Job.lease_expires_at < now).limit(limit)
-        ).all()
-        stale_before = now - timedelta(seconds=requeue_after_s)
-        stale = session.execute(
-            select(Job.id, Job.enqueued_at)
-            .where(
-                Job.status == QUEUED,
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale_before),
-                Job.created_at < stale_before,
-            )
-            .order_by(Job.created_at)
-            .limit(limit)
-        ).all()
-    for job_id in expired:
-        with session_factory() as session, session.begin():
-            status = JOBS.requeue(session, job_id, now=now)
-            queue = _queue(session, job_id)
-        if status == CANCELLED:
-            report.cancelled.append(job_id)
-        elif status == QUEUED and _publish(enqueue, job_id, queue):
-            report.expired.append(job_id)
-    for job_id, enqueued_at in stale:
-        with session_factory() as session, session.begin():
-            republished = JOBS.republish(session, job_id, enqueued_at=enqueued_at, now=now)
-            queue = _queue(session, job_id)
-        if republished and _publish(enqueue, job_id, queue):
-            report.requeued.append(job_id)
+    for lifecycle in (JOBS, CACHES):
+        _reconcile(lifecycle, session_factory, enqueue, now, requeue_after_s, limit, report)
     return report
 
 
-def _queue(session: Session, job_id: str) -> str:
-    return session.scalar(select(Job.queue).where(Job.id == job_id)) or "gpu"
+def _reconcile(
+    lifecycle: Lifecycle[Any],
+    session_factory: SessionFactory,
+    enqueue: Enqueue,
+    now: datetime,
+    requeue_after_s: float,
+    limit: int,
+    report: ReconcileReport,
+) -> None:
+    m: Any = lifecycle.model
+    with session_factory() as session:
+        expired = session.scalars(
+            select(m.id).where(m.status == RUNNING, m.lease_expires_at < now).limit(limit)
+        ).all()
+        stale_before = now - timedelta(seconds=requeue_after_s)
+        stale = session.execute(
+            select(m.id, m.enqueued_at)
+            .where(
+                m.status == QUEUED,
+                or_(m.enqueued_at.is_(None), m.enqueued_at < stale_before),
+                m.created_at < stale_before,
+            )
+            .order_by(m.created_at)
+            .limit(limit)
+        ).all()
+    for row_id in expired:
+        with session_factory() as session, session.begin():
+            status = lifecycle.requeue(session, row_id, now=now)
+            queue = _queue(session, m, row_id)
+        if status == CANCELLED:
+            report.cancelled.append(row_id)
+        elif status == QUEUED and _publish(enqueue, row_id, queue):
+            report.expired.append(row_id)
+    for row_id, enqueued_at in stale:
+        with session_factory() as session, session.begin():
+            republished = lifecycle.republish(session, row_id, enqueued_at=enqueued_at, now=now)
+            queue = _queue(session, m, row_id)
+        if republished and _publish(enqueue, row_id, queue):
+            report.requeued.append(row_id)
+
+
+def _queue(session: Session, model: Any, row_id: str) -> str:
+    return session.scalar(select(model.queue).where(model.id == row_id)) or "gpu"
 
 
 def _publish(enqueue: Enqueue, job_id: str, queue: str) -> bool:

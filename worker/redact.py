@@ -37,6 +37,7 @@ def make_redactor(settings: Settings) -> Redact:
         ("<models>", settings.models_root),
         ("<artifacts>", settings.artifacts_root),
         ("<files>", settings.files_root),
+        ("<caches>", settings.caches_root),
         ("<python>", sys.prefix),
         ("<python>", sys.base_prefix),
     ]

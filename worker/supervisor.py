@@ -54,8 +54,9 @@ class EventTail:
     """The complete lines appended to events.jsonl since this tail was made (earlier lines are
     an earlier run's). Only a regular file is read (never a device a path may point at)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, check: Callable[[bytes | str], Event] = checked):
         self.path = path
+        self.check = check
         self.offset = self._size()
         self.partial = b""
 
@@ -80,7 +81,7 @@ class EventTail:
             return []
         self.offset += len(data)
         *lines, self.partial = (self.partial + data).split(b"\n")
-        return [checked(line) for line in lines if line.strip()]
+        return [self.check(line) for line in lines if line.strip()]
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Supervisor:
         argv: Sequence[str],
         *,
         events_path: Path,
+        check: Callable[[bytes | str], Event] = checked,
         on_event: Callable[[Event], None],
         should_stop: Callable[[], str | None],
         on_tick: Callable[[], None] | None = None,
@@ -114,6 +116,9 @@ class Supervisor:
     ):
         self.argv = list(argv)
         self.events_path = events_path
+        self.check = (
+            check  # a line -> its event (a teacher-cache build's lines differ: worker/cache_builds.py)
+        )
         self.on_event = on_event
         self.should_stop = should_stop
         self.on_tick = on_tick or (lambda: None)
@@ -125,7 +130,7 @@ class Supervisor:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def run(self) -> RunResult:
-        tail = EventTail(self.events_path)  # before the child starts: its events come after
+        tail = EventTail(self.events_path, self.check)  # before the child starts: its events come after
         stderr_file = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     models_root: Path | None = Field(None, description="default: {data_root}/models")
     artifacts_root: Path | None = Field(None, description="default: {data_root}/artifacts")
     files_root: Path | None = Field(None, description="uploaded JSONL files; default: {data_root}/files")
+    caches_root: Path | None = Field(None, description="teacher caches; default: {data_root}/caches")
     allow_hub: bool = Field(False, description="allow hf:ORG/NAME model references")
     max_upload_bytes: int = Field(100 * MiB, ge=1, description="largest accepted upload")
     max_line_bytes: int = Field(1 * MiB, ge=1, description="largest accepted JSONL line")
@@ -89,6 +90,7 @@ class Settings(BaseSettings):
             self.webhooks_lease_s = 4 * self.webhooks_timeout_s + 30
         if self.webhooks_lease_s <= 3 * self.webhooks_timeout_s:
             raise ValueError("AKL_WEBHOOKS_LEASE_S must be more than 3 x AKL_WEBHOOKS_TIMEOUT_S")
+        self.caches_root = self.caches_root or root / "caches"
         if self.environment == "production":
             if self.database_url.startswith("sqlite"):
                 raise ValueError("AKL_DATABASE_URL must point at PostgreSQL when AKL_ENVIRONMENT=production")

@@ -291,3 +291,58 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+class TeacherCache(Base):
+    """A stored top-k teacher distribution (akl_core.teacher_cache), built by a worker on the same
+    lifecycle as a job (status, lease, attempts, events). ``spec`` is the request as validated;
+    ``resolved_spec`` has file ids replaced by paths (what the cache runner reads). ``output_dir``
+    is the cache directory, ``{caches_root}/{tenant_id}/{id}``; ``manifest`` is its manifest once
+    built. A deleted cache keeps its row (jobs name it) with ``deleted_at`` set."""
+
+    __tablename__ = "teacher_caches"
+    __table_args__ = (
+        Index("ix_teacher_caches_tenant_id_created_at", "tenant_id", "created_at"),
+        Index("ix_teacher_caches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("cache"))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    teacher: Mapped[str] = mapped_column(String(512))
+    top_k: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    resolved_spec: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    queue: Mapped[str] = mapped_column(String(32), default="gpu")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    examples: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    bytes_per_token: Mapped[float | None] = mapped_column(Float, default=None)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    output_dir: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class TeacherCacheEvent(Base):
+    """A cache build's lifecycle and log events (``id`` is the pagination cursor)."""
+
+    __tablename__ = "teacher_cache_events"
+    __table_args__ = (Index("ix_teacher_cache_events_cache_id_id", "cache_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cache_id: Mapped[str] = mapped_column(ForeignKey("teacher_caches.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    type: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any] | None] = mapped_column(default=None)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Response, status
 
 from api.core import quotas
+from api.core.cache_refs import cache_id_of, resolve_cache_job
 from api.core.errors import error_responses
 from api.core.job_refs import RefError, resolve_spec
 from api.core.progress import planned_steps
@@ -42,8 +43,8 @@ def _conflict(exc: jobs_crud.IdempotencyConflict) -> HTTPException:
         409,
         413,
         429,
-        s404="a file or model it names",
-        s409="Idempotency-Key reused",
+        s404="a file, model or teacher cache it names",
+        s409="Idempotency-Key reused, or its teacher cache is not built (yet)",
         s429="the tenant's queued plus running jobs are at AKL_MAX_ACTIVE_JOBS",
     ),
 )
@@ -69,7 +70,10 @@ def create_job(
                 response.headers["Idempotent-Replayed"] = "true"
                 return JobPublic.from_row(jobs_crud.replay(existing, spec_json, body.metadata)[0])
         quotas.check_spec_size(spec_json, body.metadata, settings)
-        resolved = resolve_spec(spec, session=session, tenant_id=tenant.id, settings=settings)
+        if cache_id_of(spec.teacher) is not None:  # distill from a stored teacher (README, "Teacher caches")
+            resolved, _ = resolve_cache_job(spec, session=session, tenant_id=tenant.id, settings=settings)
+        else:
+            resolved = resolve_spec(spec, session=session, tenant_id=tenant.id, settings=settings)
         quotas.check_job_work(spec, session=session, tenant_id=tenant.id, settings=settings)
         # Last: a 429 says "later", which must not hide a 422 that no retry can fix.
         quotas.check_active_jobs(session=session, tenant_id=tenant.id, settings=settings)

@@ -140,6 +140,12 @@ ROUTE_ERRORS = {
     ("get", "/v1/webhooks/{webhook_id}"): {404},
     ("delete", "/v1/webhooks/{webhook_id}"): {404},
     ("get", "/v1/webhooks/{webhook_id}/attempts"): {404},
+    ("post", "/v1/teacher_caches"): {403, 404},
+    ("get", "/v1/teacher_caches"): set(),
+    ("get", "/v1/teacher_caches/{cache_id}"): {404},
+    ("post", "/v1/teacher_caches/{cache_id}/cancel"): {404, 409},
+    ("delete", "/v1/teacher_caches/{cache_id}"): {404, 409},
+    ("get", "/v1/teacher_caches/{cache_id}/events"): {404},
 }
 
 
