@@ -291,6 +291,8 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class TeacherCache(Base):
     """A stored top-k teacher distribution (akl_core.teacher_cache), built by a worker on the same
     lifecycle as a job (status, lease, attempts, events). ``spec`` is the request as validated;
