@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import akl_core
+from api.core.auth import ApiKeyMiddleware
 from api.core.config import Settings, get_settings
 from api.core.errors import install_error_handlers
 from api.core.input_checks import InputCheckMiddleware
@@ -34,6 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware, limit_for=lambda path: upload_limit if path == "/v1/files" else JSON_BODY_LIMIT
     )
+    # Last added, so first to run: a /v1 request without a valid key gets its 401 before anything.
+    app.add_middleware(ApiKeyMiddleware, settings=settings)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router)

@@ -33,7 +33,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 
-FILE_PURPOSES = ("train", "validation")
+FILE_PURPOSES = ("train", "validation", "fine-tune")  # fine-tune (OpenAI): train or validation
 
 
 def utcnow() -> datetime:
