@@ -17,8 +17,12 @@ LOSS_NAMES = (*DIVERGENCES, "sft")
 LossName = Literal["fkl", "rkl", "fkl_rkl", "akl", "akl_r", "skl", "srkl", "tvd", "jsd", "sft"]
 
 # A model reference: "preset:NAME" (tiny, smollm2-135m-instruct), a local directory (resolved under
-# the models root), or "hf:ORG/NAME" (a hub id, refused unless the operator allows hub downloads).
-MODEL_REF_PATTERN = r"^(preset:[A-Za-z0-9._-]+|hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|[A-Za-z0-9._/-]+)$"
+# the models root), "hf:ORG/NAME" (a hub id, refused unless the operator allows hub downloads), or
+# "ft:JOB_ID[:SUFFIX]", a model distilled by the service (the API resolves it; api/core/catalog.py).
+MODEL_REF_PATTERN = (
+    r"^(preset:[A-Za-z0-9._-]+|hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|ft:[A-Za-z0-9_-]+(:[A-Za-z0-9._-]+)?"
+    r"|[A-Za-z0-9._/-]+)$"
+)
 
 
 # A student is smaller than its teacher: no size field of a real LLM config exceeds this, and a

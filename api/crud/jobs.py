@@ -117,6 +117,15 @@ def find_replay(
     return None if existing is None else replay(existing, spec, metadata)[0]
 
 
+def set_suffix(*, session: Session, job: Job, suffix: str | None) -> None:
+    """Name the job's distilled model ft:<job id>:<suffix> (set once, right after creation)."""
+    if suffix is None or job.suffix == suffix:
+        return
+    session.execute(update(Job).where(Job.id == job.id, Job.suffix.is_(None)).values(suffix=suffix))
+    session.commit()
+    session.refresh(job)
+
+
 def list_jobs(
     *, session: Session, tenant_id: int, status: str | None = None, after: Job | None = None, limit: int = 20
 ) -> tuple[list[Job], bool]:

@@ -156,6 +156,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     output_dir: Mapped[str | None] = mapped_column(Text, default=None)
+    # The suffix of the distilled model's id, ft:<job id>:<suffix> (OpenAI's `suffix`).
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class JobEvent(Base):

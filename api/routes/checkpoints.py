@@ -32,7 +32,7 @@ def list_checkpoints(job: JobDep, session: SessionDep) -> Page[CheckpointPublic]
     return Page[CheckpointPublic](data=[CheckpointPublic.model_validate(row) for row in rows])
 
 
-def _archive(
+def archive(
     job: Job, checkpoint: JobCheckpoint, name: str, archive_format: ArchiveFormat
 ) -> StreamingResponse:
     if not job.output_dir:
@@ -66,7 +66,7 @@ def download_checkpoint(
     if checkpoint is None:
         raise HTTPException(404, f"checkpoint {checkpoint_id!r} not found")
     name = "final" if checkpoint.is_final else f"step-{checkpoint.step:08d}"
-    return _archive(job, checkpoint, name, archive_format)
+    return archive(job, checkpoint, name, archive_format)
 
 
 @router.get("/{job_id}/model", response_class=StreamingResponse, responses=ARCHIVE_RESPONSES)
@@ -79,4 +79,4 @@ def download_model(
     checkpoint = history_crud.final_checkpoint(session=session, job_id=job.id)
     if checkpoint is None:
         raise HTTPException(404, f"job {job.id} has no final model (status {job.status})")
-    return _archive(job, checkpoint, "final", archive_format)
+    return archive(job, checkpoint, "final", archive_format)

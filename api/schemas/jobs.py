@@ -14,6 +14,18 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 MAX_METADATA_PAIRS = 16
 
 
+def bounded_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Up to 16 pairs, keys of 1..64 characters, values of at most 512 (OpenAI's bounds)."""
+    if value is None:
+        return None
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs")
+    for key, item in value.items():
+        if not 1 <= len(key) <= 64 or len(item) > 512:
+            raise ValueError("metadata keys are 1..64 characters and values at most 512")
+    return value
+
+
 class JobCreate(JobSpec):
     """The job spec (akl_core.spec.JobSpec) plus optional metadata: up to 16 string pairs."""
 
@@ -22,14 +34,7 @@ class JobCreate(JobSpec):
     @field_validator("metadata")
     @classmethod
     def _bounded(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs")
-        for key, item in value.items():
-            if not 1 <= len(key) <= 64 or len(item) > 512:
-                raise ValueError("metadata keys are 1..64 characters and values at most 512")
-        return value
+        return bounded_metadata(value)
 
     def spec(self) -> JobSpec:
         return JobSpec.model_validate(self.model_dump(exclude={"metadata"}))
