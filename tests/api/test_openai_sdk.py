@@ -210,9 +210,10 @@ def test_a_distilled_model_serves_a_second_job(live: Live, acme: openai.OpenAI, 
     done = wait_done(acme, first.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{first.id}:mini" and done.finished_at
-    assert first.id in [job.id for job in acme.fine_tuning.jobs.list(limit=50)]
+    every = [job.id for job in acme.fine_tuning.jobs.list(limit=50)]
     page = acme.fine_tuning.jobs.list(limit=1)
-    assert len(page.data) == 1 and page.has_more
+    assert first.id in every and len(page.data) == 1 and page.has_more == (len(every) > 1)
+    assert [job.id for job in acme.fine_tuning.jobs.list(limit=1)] == every  # the SDK follows `after`
 
     events = acme.fine_tuning.jobs.list_events(first.id, limit=100).data
     assert events and all(e.object == "fine_tuning.job.event" for e in events)
