@@ -81,7 +81,11 @@ def check_model_ref(
         )
     if not path.is_relative_to(root):  # a symbolic link inside the root pointing out of it
         raise RefError(422, field, f"model {ref!r} leads outside the models root; name a directory in it")
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError:  # a name longer than the file system takes (ENAMETOOLONG): a 500 before
+        found = False
+    if not found:
         raise RefError(404, field, f"model {ref!r} not found under the models root")
     return _layers(path, ref, field)
 

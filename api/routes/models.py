@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from akl_core import models as presets
+from akl_core.spec import MODEL_REF_PATTERN
 from api.core import catalog, distilled
 from api.core.errors import ApiError, error_responses
 from api.crud import history as history_crud
@@ -17,6 +19,7 @@ from api.schemas.common import Page
 from api.schemas.models import ModelPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
+MAX_REF_CHARS = 512  # as a job spec takes them
 
 
 @router.get("")
@@ -48,14 +51,16 @@ def find_model(
             raise not_found
         return catalog.preset(name, root)
     parts = model.split("/")
-    if not model or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+    if not re.match(MODEL_REF_PATTERN, model) or len(model) > MAX_REF_CHARS:
         raise not_found
-    path = (root / model).resolve()
-    if not path.is_relative_to(root) or not path.is_dir():
+    if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
         raise not_found
     try:
+        path = (root / model).resolve()
+        if not path.is_relative_to(root) or not path.is_dir():
+            raise not_found
         return catalog.describe(path, model, "local")
-    except catalog.ConfigError:
+    except (catalog.ConfigError, OSError):  # OSError: a name longer than the file system takes
         raise not_found from None
 
 

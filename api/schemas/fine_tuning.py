@@ -8,7 +8,7 @@ teacher and any section of the job spec, ``hyperparameters`` and ``seed`` land i
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,10 +42,16 @@ class _Strict(BaseModel):
 
 
 class Hyperparameters(_Strict):
-    n_epochs: int | Literal["auto"] | None = Field(None, description="training.epochs")
-    batch_size: int | Literal["auto"] | None = Field(None, description="training.batch_size")
-    learning_rate_multiplier: float | Literal["auto"] | None = Field(
-        None, gt=0, description=f"training.learning_rate = multiplier x {DEFAULT_LEARNING_RATE}"
+    """OpenAI's hyperparameters; "auto" (or leaving one out) keeps the spec's value."""
+
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] | None = Field(
+        None, description="training.epochs"
+    )
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] | None = Field(
+        None, description="training.batch_size"
+    )
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=1000)] | Literal["auto"] | None = Field(
+        None, description=f"training.learning_rate = multiplier x {DEFAULT_LEARNING_RATE}"
     )
 
 

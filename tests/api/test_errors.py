@@ -157,6 +157,15 @@ ROUTE_ERRORS = {
     ("get", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"): {404},
     ("get", "/v1/jobs/{job_id}/model"): {404},
     ("get", "/v1/spec/schema"): set(),
+    ("get", "/v1/models"): set(),
+    ("get", "/v1/models/{model}"): {404},
+    ("get", "/v1/models/{model}/content"): {404},
+    ("post", "/v1/fine_tuning/jobs"): {403, 404, 409, 413, 429},
+    ("get", "/v1/fine_tuning/jobs"): set(),
+    ("get", "/v1/fine_tuning/jobs/{job_id}"): {404},
+    ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {404, 409},
+    ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {404},
+    ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): {404},
 }
 
 

@@ -118,3 +118,10 @@ def test_a_hidden_folder_is_no_teachers_reference(
     body = {"teacher": ".distilled/job-x", "data": {"train": "demo:train"}, "resources": {"device": "cpu"}}
     response = client.post("/v1/jobs", headers=headers, json=body)
     assert response.status_code == 404 and response.json()["error"]["param"] == "teacher"
+
+
+def test_a_name_longer_than_the_file_system_takes_is_404(client: TestClient, headers: dict[str, str]) -> None:
+    body = {"teacher": "a" * 300, "data": {"train": "demo:train"}, "resources": {"device": "cpu"}}
+    response = client.post("/v1/jobs", headers=headers, json=body)
+    assert response.status_code == 404 and response.json()["error"]["param"] == "teacher"
+    assert client.get(f"/v1/models/{'a' * 300}", headers=headers).status_code == 404
