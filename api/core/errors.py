@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -191,7 +192,7 @@ def error_body(
 def error_response(
     status_code: int,
     detail: Any,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     *,
     param: str | None = None,
     code: str | None = None,
@@ -222,7 +223,7 @@ CLEARER_MESSAGES = {
 
 
 def _issue(error: dict[str, Any]) -> dict[str, Any]:
-    issue = {key: error[key] for key in ("type", "loc", "msg", "ctx") if key in error}
+    issue: dict[str, Any] = {key: error[key] for key in ("type", "loc", "msg", "ctx") if key in error}
     issue["input"] = safe_json(error.get("input"), limit=MAX_ECHO_CHARS)
     for words, clearer in CLEARER_MESSAGES.items():
         if words in str(issue.get("msg", "")):

@@ -82,10 +82,10 @@ def check_model_ref(
     if not path.is_relative_to(root):  # a symbolic link inside the root pointing out of it
         raise RefError(422, field, f"model {ref!r} leads outside the models root; name a directory in it")
     try:
-        found = path.is_dir()
+        is_dir = path.is_dir()
     except OSError:  # a name longer than the file system takes (ENAMETOOLONG): a 500 before
-        found = False
-    if not found:
+        is_dir = False
+    if not is_dir:
         raise RefError(404, field, f"model {ref!r} not found under the models root")
     return _layers(path, ref, field)
 
@@ -136,11 +136,11 @@ def resolve_data_ref(ref: str, field: str, purpose: str, *, session: Session, te
 
 def resolve_spec(spec: JobSpec, *, session: Session, tenant_id: int, settings: Settings) -> dict[str, Any]:
     """Check every reference in ``spec``; return the resolved spec (JSON-ready). Raises RefError."""
-    refs = {"session": session, "tenant_id": tenant_id}
     check_device(spec, settings)
-    check_student_layers(spec, check_model_ref(spec.teacher, "teacher", settings, **refs))
+    teacher_layers = check_model_ref(spec.teacher, "teacher", settings, session=session, tenant_id=tenant_id)
+    check_student_layers(spec, teacher_layers)
     if spec.student.model is not None:
-        check_model_ref(spec.student.model, "student.model", settings, **refs)
+        check_model_ref(spec.student.model, "student.model", settings, session=session, tenant_id=tenant_id)
     resolved = copy.deepcopy(spec.model_dump(mode="json"))
     resolved["teacher"] = _runnable(spec.teacher, session=session, tenant_id=tenant_id, settings=settings)
     if spec.student.model is not None:

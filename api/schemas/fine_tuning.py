@@ -114,7 +114,7 @@ class FineTuningJobCreate(_Strict):
         if self.validation_file is not None:
             data["validation"] = self.validation_file
         training = spec.setdefault("training", {})
-        hp = method.hyperparameters or self.hyperparameters or Hyperparameters()
+        hp = method.hyperparameters or self.hyperparameters or Hyperparameters.model_validate({})
         if isinstance(hp.n_epochs, int):
             training["epochs"] = hp.n_epochs
         if isinstance(hp.batch_size, int):
@@ -201,7 +201,7 @@ class FineTuningJobPublic(PublicModel):
             "method": {"type": "distillation", "distillation": spec},
             "seed": training.get("seed", 0),
             "error": None if error is None else {"code": error.code, "message": error.message},
-            "estimated_finish": None if eta is None else unix(datetime.now(timezone.utc)) + eta,
+            "estimated_finish": None if eta is None else int(datetime.now(timezone.utc).timestamp()) + eta,
             "organization_id": f"org-{row.tenant_id}",
             "metadata": row.metadata_,
             "user_provided_suffix": row.suffix,

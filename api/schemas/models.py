@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,7 +33,7 @@ class ModelPublic(PublicModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_facts(cls, facts: object) -> object:
+    def _from_facts(cls, facts: Any) -> Any:
         if not isinstance(facts, ModelFacts):
             return facts
         mine = facts.source == "distilled"
