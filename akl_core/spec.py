@@ -14,8 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from akl_core.names import LossName
 
 # A model reference: "preset:NAME" (tiny, smollm2-135m-instruct), a local directory (resolved under
-# the models root), or "hf:ORG/NAME" (a hub id, refused unless the operator allows hub downloads).
-MODEL_REF_PATTERN = r"^(preset:[A-Za-z0-9._-]+|hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|[A-Za-z0-9._/-]+)$"
+# the models root), "hf:ORG/NAME" (a hub id, refused unless the operator allows hub downloads), or
+# "ft:JOB_ID[:SUFFIX]", a model distilled by the service (the API resolves it; api/core/catalog.py).
+MODEL_REF_PATTERN = (
+    r"^(preset:[A-Za-z0-9._-]+|hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|ft:[A-Za-z0-9_-]+(:[A-Za-z0-9._-]+)?"
+    r"|[A-Za-z0-9._/-]+)$"
+)
 # A job's teacher may also be a teacher cache: "cache:NAME" under the caches root (CLI) or
 # "cache:ID" (API). Such a job never runs the teacher forward (akl_core/cache_spec.py).
 TEACHER_REF_PATTERN = r"^(cache:[A-Za-z0-9._/-]+|" + MODEL_REF_PATTERN[2:]

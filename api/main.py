@@ -11,6 +11,7 @@ import anyio
 from fastapi import FastAPI
 
 import akl_core
+from api.core.auth import ApiKeyMiddleware
 from api.core.config import Settings, get_settings
 from api.core.errors import install_error_handlers
 from api.core.input_checks import InputCheckMiddleware
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware, limit_for=lambda path: upload_limit if path == "/v1/files" else JSON_BODY_LIMIT
     )
+    # Last added, so first to run: a /v1 request without a valid key gets its 401 before anything.
+    app.add_middleware(ApiKeyMiddleware, settings=settings)
     # Last, so it runs first and times every answer, refusals by the limits above included.
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)

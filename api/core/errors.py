@@ -1,8 +1,11 @@
 """The API's one error shape, its OpenAPI entry, and exception handlers that cannot fail.
 
-Every error answer is ``{"detail": <a message, or a list of issues each naming its location>}``
-(FastAPI's own shape, which README.md and tests/api expect). Only ``error_response`` builds it,
-and only ``error_responses`` documents it, so a change of shape is an edit here alone.
+Every error answer is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the
+``openai`` SDK raises its typed exceptions with our message (issue 13). Beside it, ``detail`` keeps
+the older FastAPI shape (a message, or a list of issues each naming its location) as a deprecated
+alias for clients written against it (akl_cli/client.py, the dashboard's api/ui/static/js/api.js).
+Only ``error_response`` builds the body, and only ``error_responses`` documents it, so a change of
+shape is an edit here alone.
 
 A handler that fails turns a 4xx into a 500 or a dropped connection: the request's own input
 (echoed in validation errors) may hold lone surrogates, NaN, integers of thousands of digits or
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -45,12 +49,40 @@ class ErrorIssue(BaseModel):
     ctx: dict[str, Any] | None = None
 
 
+class ErrorObject(BaseModel):
+    """OpenAI's error object: what the SDK's exceptions carry as message, type, param and code."""
+
+    message: str = Field(description="what is wrong and what to send instead")
+    type: str = Field(description="a class of error: invalid_request_error, authentication_error, ...")
+    param: str | None = Field(None, description='the offending field, e.g. "training.max_steps"')
+    code: str | None = Field(None, description="a stable code, e.g. not_found, invalid_api_key")
+
+
 class ErrorBody(BaseModel):
     """Every 4xx and 5xx answer of the API (readiness aside: see GET /readyz)."""
 
+    error: ErrorObject
     detail: str | list[ErrorIssue] = Field(
-        description="a message, or (422) one issue per invalid value with its location"
+        description="deprecated alias: the message, or (422) one issue per invalid value with its location",
+        json_schema_extra={"deprecated": True},
     )
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error that also names the offending parameter and a stable code."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status_code, message, headers=headers)
+        self.param = param
+        self.code = code
 
 
 ERROR_DESCRIPTIONS = {
@@ -100,15 +132,84 @@ def safe_json(value: Any, limit: int = MAX_TEXT_CHARS, depth: int = 0) -> Any:
     return safe_json(f"<{type(value).__name__}>", limit, depth)
 
 
-def error_response(status_code: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
-    """The error answer: ``{"detail": detail}``, encodable whatever ``detail`` holds."""
+# OpenAI's error types by status (the SDK picks its exception class by status alone).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+ERROR_CODES = {401: "invalid_api_key", 404: "not_found", 409: "conflict", 413: "too_large", 429: "limit"}
+
+
+def _first_param(issues: list[Any]) -> str | None:
+    """The dotted location of the first issue, without its source: ["body", "training", "max_steps"]."""
+    loc = issues[0].get("loc") if issues and isinstance(issues[0], dict) else None
+    if not isinstance(loc, list):
+        return None
+    parts = [str(part) for part in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else loc
+    return ".".join(str(part) for part in parts) or None
+
+
+def _message(detail: Any) -> str:
+    """One line of text: the message, or for a list of issues each issue's location and message."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        lines = []
+        for issue in detail[:10]:
+            if isinstance(issue, dict):
+                where = ".".join(str(part) for part in issue.get("loc") or [])
+                lines.append(f"{where}: {issue.get('msg')}" if where else str(issue.get("msg")))
+        return "; ".join(lines) or "the request is invalid"
+    return str(detail)
+
+
+def error_body(
+    status_code: int, detail: Any, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """``{"error": {message, type, param, code}, "detail": detail}`` (``detail``: deprecated)."""
+    detail = safe_json(detail)
+    if param is None and isinstance(detail, list):
+        param = _first_param(detail)
+    error = {
+        "message": _message(detail),
+        "type": ERROR_TYPES.get(
+            status_code, "server_error" if status_code >= 500 else "invalid_request_error"
+        ),
+        "param": param,
+        "code": code or ERROR_CODES.get(status_code) or ("invalid_value" if status_code == 422 else None),
+    }
+    return {"error": error, "detail": detail}
+
+
+def error_response(
+    status_code: int,
+    detail: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> Response:
+    """The error answer (``error_body``), encodable whatever ``detail`` holds."""
     try:
         body = json.dumps(
-            {"detail": safe_json(detail)}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+            error_body(status_code, detail, param=param, code=code),
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
         ).encode()
     except Exception:  # safe_json should make this unreachable; never let an error answer fail
         log.exception("could not encode an error body (status %s)", status_code)
-        body = json.dumps({"detail": ERROR_DESCRIPTIONS.get(status_code, "error")}).encode()
+        message = ERROR_DESCRIPTIONS.get(status_code, "error")
+        fallback = {"message": message, "type": "server_error", "param": None, "code": None}
+        body = json.dumps({"error": fallback, "detail": message}).encode()
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
 
 
@@ -122,7 +223,7 @@ CLEARER_MESSAGES = {
 
 
 def _issue(error: dict[str, Any]) -> dict[str, Any]:
-    issue = {key: error[key] for key in ("type", "loc", "msg", "ctx") if key in error}
+    issue: dict[str, Any] = {key: error[key] for key in ("type", "loc", "msg", "ctx") if key in error}
     issue["input"] = safe_json(error.get("input"), limit=MAX_ECHO_CHARS)
     for words, clearer in CLEARER_MESSAGES.items():
         if words in str(issue.get("msg", "")):
@@ -148,7 +249,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if not is_body_allowed_for_status_code(exc.status_code):
             return Response(status_code=exc.status_code, headers=exc.headers)
-        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+        param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+        return error_response(exc.status_code, exc.detail, headers=exc.headers, param=param, code=code)
 
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError) -> Response:

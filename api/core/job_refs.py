@@ -8,7 +8,6 @@ the spec with file ids replaced by the stored paths, which is what the worker ru
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ from sqlalchemy.orm import Session
 from akl_core import models
 from akl_core.data import BUILTIN_REFS
 from akl_core.spec import JobSpec
+from api.core import catalog, distilled
 from api.core.config import Settings
 from api.crud import files as files_crud
 
-MAX_CONFIG_BYTES = 1024 * 1024  # a model's config.json is a few KB; more is not a model config
-# Where configs of common architectures keep their decoder layer count.
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# A file uploaded with OpenAI's purpose serves as training or validation data alike.
+ANY_PURPOSE = "fine-tune"
 
 
 class RefError(Exception):
@@ -37,20 +36,31 @@ class RefError(Exception):
         self.message = message
 
 
-def check_model_ref(ref: str, field: str, settings: Settings) -> int | None:
+def check_model_ref(
+    ref: str, field: str, settings: Settings, *, session: Session | None = None, tenant_id: int | None = None
+) -> int | None:
     """Refuse what the worker would refuse (akl_core.models.resolve_model_ref) without loading
-    torch; return the model's decoder layer count when it can be known here (None for hub models).
+    torch; return the model's decoder layer count when it can be known here (None for hub models),
+    as the model catalog (api/core/catalog.py, GET /v1/models) reports it.
 
     Presets are prepared by the worker on demand (README, "The job spec"); one that is neither
-    prepared nor preparable on this server is refused here."""
+    prepared nor preparable on this server is refused here. A distilled model (``ft:``) must be a
+    succeeded job of this tenant's with its final model still stored."""
     assert settings.models_root is not None
     root = Path(settings.models_root).resolve()
+    if ref.startswith(distilled.PREFIX):
+        found = None if session is None else distilled.find(ref, session=session, tenant_id=tenant_id or 0)
+        if found is None:
+            raise RefError(
+                404, field, f"model {ref!r} not found: no succeeded job of yours with that final model"
+            )
+        return _layers(found[1], ref, field)
     if ref.startswith("preset:"):
         name = ref.split(":", 1)[1]
         if name not in models.PRESETS:
             raise RefError(404, field, f"unknown preset {name!r}; known: {', '.join(models.PRESETS)}")
         if (root / name / "config.json").is_file():
-            return _layers(_read_config(root / name, ref, field))
+            return _layers(root / name, ref, field)
         if not models.can_prepare_preset(name):
             raise RefError(
                 422,
@@ -58,11 +68,14 @@ def check_model_ref(ref: str, field: str, settings: Settings) -> int | None:
                 f"preset {name!r} is not prepared on this server and cannot be prepared on demand; "
                 f"an operator runs `akl models prepare {name}`",
             )
-        return models.PRESET_LAYERS[name]
+        return catalog.preset(name, root).num_layers
     if ref.startswith("hf:"):
         if not settings.allow_hub:
             raise RefError(403, field, "hub models are disabled on this server (AKL_ALLOW_HUB=false)")
         return None
+    if any(part.startswith(".") and part not in (".", "..") for part in ref.split("/")):
+        # .distilled/ and .hub-cache/ hold copies the service makes; tenants name models by id.
+        raise RefError(404, field, f"model {ref!r} not found under the models root")
     path = (root / ref).resolve()
     if path == root:  # '.', './', 'a/..'
         raise RefError(
@@ -70,37 +83,20 @@ def check_model_ref(ref: str, field: str, settings: Settings) -> int | None:
         )
     if not path.is_relative_to(root):  # a symbolic link inside the root pointing out of it
         raise RefError(422, field, f"model {ref!r} leads outside the models root; name a directory in it")
-    if not path.is_dir():
-        raise RefError(404, field, f"model {ref!r} not found under the models root")
-    return _layers(_read_config(path, ref, field))
-
-
-def _read_config(path: Path, ref: str, field: str) -> dict[str, Any]:
-    config = path / "config.json"
-    if not config.is_file():
-        raise RefError(422, field, f"model {ref!r} has no config.json: not a model directory")
     try:
-        if config.stat().st_size > MAX_CONFIG_BYTES:
-            raise ValueError("larger than 1 MiB")
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise RefError(
-            422, field, f"model {ref!r}: config.json is unreadable ({type(exc).__name__})"
-        ) from None
-    if not isinstance(data, dict):
-        raise RefError(422, field, f"model {ref!r}: config.json is not a JSON object")
-    return data
+        is_dir = path.is_dir()
+    except OSError:  # a name longer than the file system takes (ENAMETOOLONG): a 500 before
+        is_dir = False
+    if not is_dir:
+        raise RefError(404, field, f"model {ref!r} not found under the models root")
+    return _layers(path, ref, field)
 
 
-def _layers(config: dict[str, Any]) -> int | None:
-    """Decoder layers of a config (multimodal configs nest them in text_config); None if unknown."""
-    for scope in (config, config.get("text_config")):
-        if isinstance(scope, dict):
-            for key in LAYER_KEYS:
-                value = scope.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    return value
-    return None
+def _layers(folder: Path, ref: str, field: str) -> int | None:
+    try:
+        return catalog.num_layers(catalog.read_config(folder))
+    except catalog.ConfigError as exc:
+        raise RefError(422, field, f"model {ref!r}: {exc}") from None
 
 
 def check_device(spec: JobSpec, settings: Settings) -> None:
@@ -135,7 +131,7 @@ def resolve_data_ref(ref: str, field: str, purpose: str, *, session: Session, te
     row = files_crud.get_file(session=session, tenant_id=tenant_id, file_id=ref)
     if row is None:
         raise RefError(404, field, f"file {ref!r} not found")
-    if row.purpose != purpose:
+    if row.purpose not in (purpose, ANY_PURPOSE):
         raise RefError(422, field, f"file {ref!r} was uploaded with purpose {row.purpose!r}, not {purpose!r}")
     return row.path
 
@@ -143,10 +139,16 @@ def resolve_data_ref(ref: str, field: str, purpose: str, *, session: Session, te
 def resolve_spec(spec: JobSpec, *, session: Session, tenant_id: int, settings: Settings) -> dict[str, Any]:
     """Check every reference in ``spec``; return the resolved spec (JSON-ready). Raises RefError."""
     check_device(spec, settings)
-    check_student_layers(spec, check_model_ref(spec.teacher, "teacher", settings))
+    teacher_layers = check_model_ref(spec.teacher, "teacher", settings, session=session, tenant_id=tenant_id)
+    check_student_layers(spec, teacher_layers)
     if spec.student.model is not None:
-        check_model_ref(spec.student.model, "student.model", settings)
+        check_model_ref(spec.student.model, "student.model", settings, session=session, tenant_id=tenant_id)
     resolved = copy.deepcopy(spec.model_dump(mode="json"))
+    resolved["teacher"] = _runnable(spec.teacher, session=session, tenant_id=tenant_id, settings=settings)
+    if spec.student.model is not None:
+        resolved["student"]["model"] = _runnable(
+            spec.student.model, session=session, tenant_id=tenant_id, settings=settings
+        )
     data = resolved["data"]
     data["train"] = resolve_data_ref(
         spec.data.train, "data.train", "train", session=session, tenant_id=tenant_id
@@ -156,3 +158,13 @@ def resolve_spec(spec: JobSpec, *, session: Session, tenant_id: int, settings: S
             spec.data.validation, "data.validation", "validation", session=session, tenant_id=tenant_id
         )
     return resolved
+
+
+def _runnable(ref: str, *, session: Session, tenant_id: int, settings: Settings) -> str:
+    """The reference the runner loads: a distilled model's copy under the models root, else ``ref``."""
+    if not ref.startswith(distilled.PREFIX):
+        return ref
+    found = distilled.find(ref, session=session, tenant_id=tenant_id)
+    assert found is not None and settings.models_root is not None  # checked by check_model_ref
+    job, folder = found
+    return distilled.materialize(folder, models_root=Path(settings.models_root).resolve(), job_id=job.id)

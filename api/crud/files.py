@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.core.pagination import newest_first
 from api.db.models import File, new_id, utcnow
 
 
@@ -31,8 +32,8 @@ def create_file(
     size: int,
     num_examples: int,
 ) -> File:
-    """Publish the staged bytes (already validated and fsynced) and add their row; the caller
-    commits (or calls ``remove_stored`` when the commit fails, so no orphan bytes remain)."""
+    """Publish the staged bytes (already validated and fsynced) and commit their row; when the
+    commit fails the bytes are removed again, so no orphan bytes remain."""
     path = staged.with_name(f"{file_id}.jsonl")
     os.replace(staged, path)  # atomic: readers never see a partial file
     row = File(
@@ -45,6 +46,12 @@ def create_file(
         path=str(path.resolve()),
     )
     session.add(row)
+    try:
+        session.commit()
+    except Exception:
+        session.rollback()
+        remove_stored(row)
+        raise
     return row
 
 
@@ -72,16 +79,12 @@ def list_files(
     query = select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
     if purpose is not None:
         query = query.where(File.purpose == purpose)
-    if after is not None:
-        query = query.where(
-            (File.created_at < after.created_at)
-            | ((File.created_at == after.created_at) & (File.id < after.id))
-        )
-    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, File, after=after, limit=limit)
 
 
 def delete_file(*, session: Session, row: File) -> None:
-    """Mark deleted (the row stays for jobs that name it); remove the bytes after the commit."""
+    """Mark deleted (the row stays for jobs that name it) and commit; then remove the bytes."""
     row.deleted_at = utcnow()
     session.add(row)
+    session.commit()
+    remove_stored(row)

@@ -19,6 +19,23 @@ def list_events(
     return rows[:limit], len(rows) > limit
 
 
+def list_events_newest_first(
+    *, session: Session, job_id: str, before: int | None = None, limit: int = 20
+) -> tuple[list[JobEvent], bool]:
+    """Newest first, as OpenAI lists a fine-tuning job's events: ``before`` is the last id seen."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before is not None:
+        query = query.where(JobEvent.id < before)
+    rows = list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def metric_at(*, session: Session, job_id: str, step: int) -> JobMetric | None:
+    """The metrics of ``step``, or of the last step before it that has some."""
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step <= step)
+    return session.scalars(query.order_by(JobMetric.step.desc()).limit(1)).first()
+
+
 def list_metrics(
     *,
     session: Session,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.core.pagination import newest_first
 from api.db.models import QUEUED, RUNNING, Job, JobEvent, new_id
 from api.lifecycle import JOBS
 
@@ -100,6 +101,25 @@ def replay(existing: Job, spec: dict[str, Any], metadata: dict[str, str] | None)
     return existing, False
 
 
+def find_replay(
+    *, session: Session, tenant_id: int, key: str, spec: dict[str, Any], metadata: dict[str, str] | None
+) -> Job | None:
+    """The job an earlier request with Idempotency-Key ``key`` made, when this request repeats it;
+    None for a new key; IdempotencyConflict when the key came with another body. A replay answers
+    with the job even if its files are gone since, so routes ask this before any other check."""
+    existing = get_by_idempotency_key(session=session, tenant_id=tenant_id, key=key)
+    return None if existing is None else replay(existing, spec, metadata)[0]
+
+
+def set_suffix(*, session: Session, job: Job, suffix: str | None) -> None:
+    """Name the job's distilled model ft:<job id>:<suffix> (set once, right after creation)."""
+    if suffix is None or job.suffix == suffix:
+        return
+    session.execute(update(Job).where(Job.id == job.id, Job.suffix.is_(None)).values(suffix=suffix))
+    session.commit()
+    session.refresh(job)
+
+
 def list_jobs(
     *, session: Session, tenant_id: int, status: str | None = None, after: Job | None = None, limit: int = 20
 ) -> tuple[list[Job], bool]:
@@ -107,12 +127,7 @@ def list_jobs(
     query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
-    if after is not None:
-        query = query.where(
-            (Job.created_at < after.created_at) | ((Job.created_at == after.created_at) & (Job.id < after.id))
-        )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, Job, after=after, limit=limit)
 
 
 def active_jobs_using_file(*, session: Session, tenant_id: int, file_id: str) -> list[Job]:

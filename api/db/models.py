@@ -35,7 +35,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 
-FILE_PURPOSES = ("train", "validation")
+FILE_PURPOSES = ("train", "validation", "fine-tune")  # fine-tune (OpenAI): train or validation
 
 
 def utcnow() -> datetime:
@@ -158,6 +158,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     output_dir: Mapped[str | None] = mapped_column(Text, default=None)
+    # The suffix of the distilled model's id, ft:<job id>:<suffix> (OpenAI's `suffix`).
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class JobEvent(Base):

@@ -12,8 +12,7 @@ from api.core.archives import UnsafePath, safe_directory, stream_directory
 from api.core.errors import error_responses
 from api.crud import history as history_crud
 from api.db.models import Job, JobCheckpoint
-from api.deps import CurrentTenant, SessionDep
-from api.routes.jobs import get_job_or_404
+from api.deps import JobDep, SessionDep
 from api.schemas.common import Page
 from api.schemas.history import CheckpointPublic
 
@@ -27,14 +26,13 @@ ARCHIVE_RESPONSES = {
 
 
 @router.get("/{job_id}/checkpoints", responses=error_responses(404))
-def list_checkpoints(job_id: str, tenant: CurrentTenant, session: SessionDep) -> Page[CheckpointPublic]:
+def list_checkpoints(job: JobDep, session: SessionDep) -> Page[CheckpointPublic]:
     """Saved checkpoints by step; the final model (`is_final`) last."""
-    get_job_or_404(session, tenant, job_id)
-    rows = history_crud.list_checkpoints(session=session, job_id=job_id)
-    return Page[CheckpointPublic](data=[CheckpointPublic.from_row(row) for row in rows])
+    rows = history_crud.list_checkpoints(session=session, job_id=job.id)
+    return Page[CheckpointPublic](data=[CheckpointPublic.model_validate(row) for row in rows])
 
 
-def _archive(
+def archive(
     job: Job, checkpoint: JobCheckpoint, name: str, archive_format: ArchiveFormat
 ) -> StreamingResponse:
     if not job.output_dir:
@@ -58,31 +56,27 @@ def _archive(
     responses=ARCHIVE_RESPONSES,
 )
 def download_checkpoint(
-    job_id: str,
+    job: JobDep,
     checkpoint_id: str,
-    tenant: CurrentTenant,
     session: SessionDep,
     archive_format: ArchiveFormat = Query("tar.gz", alias="format"),
 ) -> StreamingResponse:
     """Download a checkpoint directory as a tar.gz (or tar) archive."""
-    job = get_job_or_404(session, tenant, job_id)
     checkpoint = history_crud.get_checkpoint(session=session, job_id=job.id, checkpoint_id=checkpoint_id)
     if checkpoint is None:
         raise HTTPException(404, f"checkpoint {checkpoint_id!r} not found")
     name = "final" if checkpoint.is_final else f"step-{checkpoint.step:08d}"
-    return _archive(job, checkpoint, name, archive_format)
+    return archive(job, checkpoint, name, archive_format)
 
 
 @router.get("/{job_id}/model", response_class=StreamingResponse, responses=ARCHIVE_RESPONSES)
 def download_model(
-    job_id: str,
-    tenant: CurrentTenant,
+    job: JobDep,
     session: SessionDep,
     archive_format: ArchiveFormat = Query("tar.gz", alias="format"),
 ) -> StreamingResponse:
     """Download the final model (loads with AutoModelForCausalLM.from_pretrained once unpacked)."""
-    job = get_job_or_404(session, tenant, job_id)
     checkpoint = history_crud.final_checkpoint(session=session, job_id=job.id)
     if checkpoint is None:
-        raise HTTPException(404, f"job {job_id} has no final model (status {job.status})")
-    return _archive(job, checkpoint, "final", archive_format)
+        raise HTTPException(404, f"job {job.id} has no final model (status {job.status})")
+    return archive(job, checkpoint, "final", archive_format)

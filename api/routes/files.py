@@ -9,16 +9,17 @@ from typing import Annotated
 
 import fastapi
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
+from fastapi.responses import FileResponse
 
 from akl_core.data import DataError
 from api.core import quotas
 from api.core.config import Settings
-from api.core.errors import error_responses
+from api.core.errors import ApiError, error_responses
+from api.core.pagination import cursor_row
 from api.core.uploads import validate_staged
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
-from api.db.models import File
-from api.deps import CurrentTenant, SessionDep, SettingsDep
+from api.deps import CurrentTenant, FileDep, SessionDep, SettingsDep
 from api.schemas.common import Deleted, Page
 from api.schemas.files import FilePublic, FilePurpose
 
@@ -38,7 +39,8 @@ def upload_file(
     file: Annotated[UploadFile | str, fastapi.File(description="the JSONL file, sent with a filename")],
     purpose: Annotated[FilePurpose, Form()],
 ) -> FilePublic:
-    """Upload a JSONL file of examples (multipart: `file`, `purpose` = train or validation)."""
+    """Upload a JSONL file of examples (multipart: `file`, `purpose` = train, validation or
+    fine-tune, OpenAI's, for either)."""
     if isinstance(file, str):  # a part without a filename arrives as a plain form field
         raise HTTPException(
             422,
@@ -67,13 +69,7 @@ def upload_file(
         )
     finally:
         staged.unlink(missing_ok=True)  # refused, or renamed already
-    try:
-        session.commit()
-    except Exception:
-        session.rollback()
-        files_crud.remove_stored(row)
-        raise
-    return FilePublic.from_row(row)
+    return FilePublic.model_validate(row)
 
 
 def _stage(file: UploadFile, staged: Path, settings: Settings) -> tuple[int, int]:
@@ -112,37 +108,43 @@ def list_files(
     """List this tenant's files, newest first."""
     cursor = None
     if after is not None:
-        cursor = files_crud.get_file(session=session, tenant_id=tenant.id, file_id=after)
-        if cursor is None:
-            raise HTTPException(400, f"after: unknown file {after!r}")
+        found = files_crud.get_file(session=session, tenant_id=tenant.id, file_id=after)
+        cursor = cursor_row(found, after, "file")
     rows, has_more = files_crud.list_files(
         session=session, tenant_id=tenant.id, purpose=purpose, after=cursor, limit=limit
     )
-    data = [FilePublic.from_row(row) for row in rows]
+    data = [FilePublic.model_validate(row) for row in rows]
     return Page[FilePublic].of(data, has_more)
 
 
-def _get_or_404(session: SessionDep, tenant: CurrentTenant, file_id: str) -> File:
-    row = files_crud.get_file(session=session, tenant_id=tenant.id, file_id=file_id)
-    if row is None:
-        raise HTTPException(404, f"file {file_id!r} not found")
-    return row
-
-
 @router.get("/{file_id}", responses=error_responses(404))
-def get_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> FilePublic:
+def get_file(row: FileDep) -> FilePublic:
     """Get one file."""
-    return FilePublic.from_row(_get_or_404(session, tenant, file_id))
+    return FilePublic.model_validate(row)
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/jsonl": {}}, "description": "the uploaded bytes"},
+        **error_responses(404),
+    },
+)
+def get_file_content(row: FileDep) -> FileResponse:
+    """The uploaded bytes, as sent."""
+    if not Path(row.path).is_file():
+        raise ApiError(404, f"the bytes of file {row.id!r} are no longer stored", code="file_not_found")
+    return FileResponse(row.path, media_type="application/jsonl", filename=row.filename)
 
 
 @router.delete("/{file_id}", responses=error_responses(404, 409, s409="a queued or running job uses it"))
-def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> Deleted:
+def delete_file(row: FileDep, tenant: CurrentTenant, session: SessionDep) -> Deleted:
     """Delete a file (refused while a queued or running job uses it)."""
-    row = _get_or_404(session, tenant, file_id)
-    users = jobs_crud.active_jobs_using_file(session=session, tenant_id=tenant.id, file_id=file_id)
+    users = jobs_crud.active_jobs_using_file(session=session, tenant_id=tenant.id, file_id=row.id)
     if users:
-        raise HTTPException(409, f"file {file_id!r} is used by active job {users[0].id}; cancel it first")
+        raise ApiError(
+            409, f"file {row.id!r} is used by active job {users[0].id}; cancel it first", code="file_in_use"
+        )
     files_crud.delete_file(session=session, row=row)
-    session.commit()
-    files_crud.remove_stored(row)
-    return Deleted(id=file_id, object="file")
+    return Deleted(id=row.id, object="file")

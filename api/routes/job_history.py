@@ -11,8 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from api.core.errors import error_responses
 from api.crud import history as history_crud
 from api.db.models import METRIC_FIELDS
-from api.deps import CurrentTenant, SessionDep
-from api.routes.jobs import get_job_or_404
+from api.deps import JobDep, SessionDep
 from api.schemas.common import INT32_MAX, Page, unix
 from api.schemas.history import EvaluationPublic, EventPublic, MetricsPublic
 
@@ -23,8 +22,7 @@ CSV_FIELDS = ("step", "trained_tokens", *METRIC_FIELDS, "created_at")  # created
 
 @router.get("/{job_id}/events", responses=error_responses(404))
 def list_events(
-    job_id: str,
-    tenant: CurrentTenant,
+    job: JobDep,
     session: SessionDep,
     after: int | None = Query(
         None, ge=0, le=INT32_MAX, description="the last event id seen; newer events follow"
@@ -32,9 +30,9 @@ def list_events(
     limit: int = Query(100, ge=1, le=1000),
 ) -> Page[EventPublic]:
     """Lifecycle and log events, oldest first (poll with `after` = the last id seen)."""
-    get_job_or_404(session, tenant, job_id)
+    job_id = job.id
     rows, has_more = history_crud.list_events(session=session, job_id=job_id, after=after, limit=limit)
-    data = [EventPublic.from_row(row) for row in rows]
+    data = [EventPublic.model_validate(row) for row in rows]
     return Page[EventPublic].of(data, has_more)
 
 
@@ -47,8 +45,7 @@ def list_events(
     },
 )
 def get_metrics(
-    job_id: str,
-    tenant: CurrentTenant,
+    job: JobDep,
     session: SessionDep,
     request: Request,
     from_step: int | None = Query(None, ge=0, le=INT32_MAX),
@@ -59,7 +56,7 @@ def get_metrics(
     ),
 ) -> MetricsPublic | Response:
     """Per-step history (loss, lr, tokens/s, g_head, g_tail, w_head, fkl, rkl, ...)."""
-    get_job_or_404(session, tenant, job_id)
+    job_id = job.id
     picked, total = history_crud.list_metrics(
         session=session, job_id=job_id, from_step=from_step, to_step=to_step, max_points=max_points
     )
@@ -79,8 +76,8 @@ def get_metrics(
 
 
 @router.get("/{job_id}/evaluations", responses=error_responses(404))
-def list_evaluations(job_id: str, tenant: CurrentTenant, session: SessionDep) -> Page[EvaluationPublic]:
+def list_evaluations(job: JobDep, session: SessionDep) -> Page[EvaluationPublic]:
     """Evaluation results (Rouge-L, distinct-n, validation loss) by step."""
-    get_job_or_404(session, tenant, job_id)
+    job_id = job.id
     rows = history_crud.list_evaluations(session=session, job_id=job_id)
-    return Page[EvaluationPublic](data=[EvaluationPublic.from_row(row) for row in rows])
+    return Page[EvaluationPublic](data=[EvaluationPublic.model_validate(row) for row in rows])

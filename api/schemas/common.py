@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from api.core.unicode import replace_surrogates
 
@@ -17,15 +17,21 @@ INT32_MAX = 2**31 - 1
 
 
 class PublicModel(BaseModel):
-    """Base of the response bodies: text read back from the database is valid Unicode.
+    """Base of the response bodies, built from a database row with ``model_validate(row)``:
+    times become Unix seconds (as the OpenAI API reports them), and text read back from the
+    database is valid Unicode.
 
     Rows stored before input checks existed (api/core/input_checks.py) may hold lone surrogates;
     no JSON encoder takes them, so each page showing such a row was a 500.
     """
 
+    model_config = ConfigDict(from_attributes=True)
+
     @field_validator("*", mode="before")
     @classmethod
     def _valid_unicode(cls, value: Any) -> Any:
+        if isinstance(value, datetime):
+            return unix(value)
         return replace_surrogates(value)
 
 

@@ -2,13 +2,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from api.db.models import File
-from api.schemas.common import PublicModel, unix
+from api.schemas.common import PublicModel
 
-FilePurpose = Literal["train", "validation"]
+# "fine-tune" is OpenAI's purpose: such a file serves as training or validation data alike.
+FilePurpose = Literal["train", "validation", "fine-tune"]
 
 
 class FilePublic(PublicModel):
+    """OpenAI's file object (``status`` is always processed: a file is validated on upload)."""
+
     object: Literal["file"] = "file"
     id: str
     filename: str
@@ -16,14 +18,6 @@ class FilePublic(PublicModel):
     bytes: int
     num_examples: int
     created_at: int
-
-    @classmethod
-    def from_row(cls, row: File) -> FilePublic:
-        return cls(
-            id=row.id,
-            filename=row.filename,
-            purpose=row.purpose,  # type: ignore[arg-type]
-            bytes=row.bytes,
-            num_examples=row.num_examples,
-            created_at=unix(row.created_at) or 0,
-        )
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None

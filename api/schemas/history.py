@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
-from api.db.models import JobCheckpoint, JobEvaluation, JobEvent
-from api.schemas.common import PublicModel, unix
+from api.db.models import JobCheckpoint
+from api.schemas.common import PublicModel
 
 
 class EventPublic(PublicModel):
@@ -18,17 +18,6 @@ class EventPublic(PublicModel):
     type: str
     message: str
     data: dict[str, Any] | None
-
-    @classmethod
-    def from_row(cls, row: JobEvent) -> EventPublic:
-        return cls(
-            id=row.id,
-            created_at=unix(row.created_at) or 0,
-            level=row.level,
-            type=row.type,
-            message=row.message,
-            data=row.data,
-        )
 
 
 class MetricsPublic(BaseModel):
@@ -48,10 +37,6 @@ class EvaluationPublic(PublicModel):
     created_at: int
     metrics: dict[str, Any]
 
-    @classmethod
-    def from_row(cls, row: JobEvaluation) -> EvaluationPublic:
-        return cls(step=row.step, created_at=unix(row.created_at) or 0, metrics=row.metrics)
-
 
 class CheckpointPublic(PublicModel):
     object: Literal["distillation.job.checkpoint"] = "distillation.job.checkpoint"
@@ -62,13 +47,16 @@ class CheckpointPublic(PublicModel):
     created_at: int
     download_url: str
 
+    @model_validator(mode="before")
     @classmethod
-    def from_row(cls, row: JobCheckpoint) -> CheckpointPublic:
-        return cls(
-            id=row.id,
-            job_id=row.job_id,
-            step=row.step,
-            is_final=row.is_final,
-            created_at=unix(row.created_at) or 0,
-            download_url=f"/v1/jobs/{row.job_id}/checkpoints/{row.id}/content",
-        )
+    def _from_row(cls, data: Any) -> Any:
+        if isinstance(data, JobCheckpoint):
+            return {
+                **{name: getattr(data, name) for name in ("id", "job_id", "step", "is_final", "created_at")},
+                "download_url": checkpoint_url(data),
+            }
+        return data
+
+
+def checkpoint_url(row: JobCheckpoint) -> str:
+    return f"/v1/jobs/{row.job_id}/checkpoints/{row.id}/content"

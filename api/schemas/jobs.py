@@ -2,16 +2,28 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from akl_core.spec import JobSpec
 from api.core.progress import eta_seconds
 from api.db.models import Job
-from api.schemas.common import PublicModel, unix
+from api.schemas.common import PublicModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 MAX_METADATA_PAIRS = 16
+
+
+def bounded_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Up to 16 pairs, keys of 1..64 characters, values of at most 512 (OpenAI's bounds)."""
+    if value is None:
+        return None
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs")
+    for key, item in value.items():
+        if not 1 <= len(key) <= 64 or len(item) > 512:
+            raise ValueError("metadata keys are 1..64 characters and values at most 512")
+    return value
 
 
 class JobCreate(JobSpec):
@@ -22,14 +34,7 @@ class JobCreate(JobSpec):
     @field_validator("metadata")
     @classmethod
     def _bounded(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs")
-        for key, item in value.items():
-            if not 1 <= len(key) <= 64 or len(item) > 512:
-                raise ValueError("metadata keys are 1..64 characters and values at most 512")
-        return value
+        return bounded_metadata(value)
 
     def spec(self) -> JobSpec:
         return JobSpec.model_validate(self.model_dump(exclude={"metadata"}))
@@ -66,32 +71,34 @@ class JobPublic(PublicModel):
     attempts: int
     model_url: str | None = Field(description="download of the final model, once the job succeeded")
 
+    @model_validator(mode="before")
     @classmethod
-    def from_row(cls, row: Job) -> JobPublic:
+    def _from_row(cls, row: Any) -> Any:
+        """Built with ``JobPublic.model_validate(job_row)``: the row's columns plus what derives from them."""
+        if not isinstance(row, Job):
+            return row
         data = row.spec.get("data", {})
-        error = None
-        if row.error_code or row.error_message:
-            error = JobError(code=row.error_code or "internal_error", message=row.error_message or "")
-        return cls(
-            id=row.id,
-            status=row.status,  # type: ignore[arg-type]
-            created_at=unix(row.created_at) or 0,
-            started_at=unix(row.started_at),
-            finished_at=unix(row.finished_at),
-            teacher=row.spec.get("teacher", ""),
-            training_file=data.get("train", ""),
-            validation_file=data.get("validation"),
-            spec=row.spec,
-            metadata=row.metadata_,
-            queue=row.queue,
-            progress=row.progress,
-            current_step=row.current_step,
-            total_steps=row.total_steps,
-            eta_seconds=eta_seconds(row),
-            trained_tokens=row.trained_tokens,
-            metrics=row.current_metrics,
-            error=error,
-            cancel_requested=row.cancel_requested,
-            attempts=row.attempts,
-            model_url=f"/v1/jobs/{row.id}/model" if row.status == "succeeded" else None,
-        )
+        return {
+            **{name: getattr(row, name) for name in ROW_FIELDS},
+            "teacher": row.spec.get("teacher", ""),
+            "training_file": data.get("train", ""),
+            "validation_file": data.get("validation"),
+            "metadata": row.metadata_,
+            "eta_seconds": eta_seconds(row),
+            "metrics": row.current_metrics,
+            "error": job_error(row),
+            "model_url": f"/v1/jobs/{row.id}/model" if row.status == "succeeded" else None,
+        }
+
+
+# JobPublic's fields that are the job row's columns of the same name.
+ROW_FIELDS = (
+    "id", "status", "created_at", "started_at", "finished_at", "spec", "queue", "progress",
+    "current_step", "total_steps", "trained_tokens", "cancel_requested", "attempts",
+)  # fmt: skip
+
+
+def job_error(row: Job) -> JobError | None:
+    if not (row.error_code or row.error_message):
+        return None
+    return JobError(code=row.error_code or "internal_error", message=row.error_message or "")

@@ -53,7 +53,10 @@ hostile = st.recursive(
 def test_any_detail_makes_a_strict_json_error_body(detail: Any) -> None:
     response = error_response(422, detail)
     assert response.status_code == 422
-    assert set(_strict_json(response.body)) == {"detail"}
+    body = _strict_json(response.body)
+    assert set(body) == {"error", "detail"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -113,9 +116,27 @@ def test_handlers_answer_hostile_echoes_with_strict_json(tiny_app: TestClient) -
     ErrorBody.model_validate(_strict_json(invalid.content))
     http = tiny_app.get("/http")
     assert http.status_code == 401 and http.headers["www-authenticate"] == "Bearer"
-    assert _strict_json(http.content) == {"detail": "key \\ud800 refused"}
+    assert _strict_json(http.content) == {
+        "error": {
+            "message": "key \\ud800 refused",
+            "type": "authentication_error",
+            "param": None,
+            "code": "invalid_api_key",
+        },
+        "detail": "key \\ud800 refused",
+    }
     bug = tiny_app.get("/bug")
-    assert bug.status_code == 500 and _strict_json(bug.content) == {"detail": "internal error"}
+    assert bug.status_code == 500
+    assert _strict_json(bug.content) == {
+        "error": {"message": "internal error", "type": "server_error", "param": None, "code": None},
+        "detail": "internal error",
+    }
+
+
+def test_a_validation_error_names_its_first_parameter(tiny_app: TestClient) -> None:
+    error = tiny_app.get("/invalid").json()["error"]
+    assert error["param"] == "0" and error["code"] == "invalid_value"
+    assert error["message"].startswith("body.0: m; body.1: m")
 
 
 # What each route may answer beyond the statuses every /v1 route lists (400, 401, 422, 503).
@@ -123,6 +144,7 @@ ROUTE_ERRORS = {
     ("post", "/v1/files"): {413, 429},
     ("get", "/v1/files"): set(),
     ("get", "/v1/files/{file_id}"): {404},
+    ("get", "/v1/files/{file_id}/content"): {404},
     ("delete", "/v1/files/{file_id}"): {404, 409},
     ("post", "/v1/jobs"): {403, 404, 409, 413, 429},
     ("get", "/v1/jobs"): set(),
@@ -146,6 +168,15 @@ ROUTE_ERRORS = {
     ("post", "/v1/teacher_caches/{cache_id}/cancel"): {404, 409},
     ("delete", "/v1/teacher_caches/{cache_id}"): {404, 409},
     ("get", "/v1/teacher_caches/{cache_id}/events"): {404},
+    ("get", "/v1/models"): set(),
+    ("get", "/v1/models/{model}"): {404},
+    ("get", "/v1/models/{model}/content"): {404},
+    ("post", "/v1/fine_tuning/jobs"): {403, 404, 409, 413, 429},
+    ("get", "/v1/fine_tuning/jobs"): set(),
+    ("get", "/v1/fine_tuning/jobs/{job_id}"): {404},
+    ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {404, 409},
+    ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {404},
+    ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): {404},
 }
 
 

@@ -84,7 +84,7 @@ def test_oversize_upload_is_413_and_nothing_is_stored(
 
 
 def test_upload_needs_a_valid_purpose_and_a_file(client: TestClient, headers: dict[str, str]) -> None:
-    response = upload(client, headers, purpose="fine-tune")
+    response = upload(client, headers, purpose="batch")
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "purpose"]
     response = client.post("/v1/files", headers=headers, data={"purpose": "train"})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "file"]

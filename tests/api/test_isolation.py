@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.core.config import Settings
 from api.crud import api_keys
-from api.db.models import JobCheckpoint
+from api.db.models import Job, JobCheckpoint
 from api.main import create_app
 from tests.api.conftest import job_body, upload
 
@@ -45,7 +47,9 @@ def test_every_route_needs_a_valid_key(
         {"Authorization": headers["Authorization"].replace("Bearer", "Basic")},
     ]
     for method, path in _routes(settings):
-        url = path.format(job_id="job-x", file_id="file-x", checkpoint_id="ckpt-x", webhook_id="wh-x")
+        url = path.format(
+            job_id="job-x", file_id="file-x", checkpoint_id="ckpt-x", webhook_id="wh-x", model="preset:tiny"
+        )
         for bad in bad_keys:
             response = client.request(method, url, headers=bad)
             assert response.status_code == 401, (method, path, bad, response.text)
@@ -61,14 +65,32 @@ def test_revoked_keys_are_refused(client: TestClient, headers: dict[str, str], d
 
 
 @pytest.fixture
-def owned(client: TestClient, headers: dict[str, str], db: Session) -> dict[str, str]:
-    """A file, a job, a checkpoint and a webhook of tenant acme."""
+def owned(
+    client: TestClient, headers: dict[str, str], db: Session, settings: Settings, tmp_path: Path
+) -> dict[str, str]:
+    """A file, a job, a checkpoint and a webhook of tenant acme, and a distilled model (a succeeded
+    job's)."""
     file_id = upload(client, headers).json()["id"]
     job_id = client.post("/v1/jobs", headers=headers, json=job_body(data={"train": file_id})).json()["id"]
     db.add(JobCheckpoint(id="ckpt-acme", job_id=job_id, step=1, path="final", is_final=True))
+    done = Job(
+        id="job-acmedone", tenant_id=db.get(Job, job_id).tenant_id, status="succeeded",
+        spec=job_body(), queue="cpu", output_dir=str(tmp_path / "done"),
+    )  # fmt: skip
+    shutil.copytree(settings.models_root / "my-student", tmp_path / "done" / "final")
+    db.add(done)
+    db.flush()
+    db.add(JobCheckpoint(id="ckpt-acmedone", job_id=done.id, step=2, path="final", is_final=True))
     db.commit()
     hook = client.post("/v1/webhooks", headers=headers, json={"url": "https://93.184.216.34/h"}).json()["id"]
-    return {"file_id": file_id, "job_id": job_id, "checkpoint_id": "ckpt-acme", "webhook_id": hook}
+    assert client.get("/v1/models/ft:job-acmedone", headers=headers).status_code == 200
+    return {
+        "file_id": file_id,
+        "job_id": job_id,
+        "checkpoint_id": "ckpt-acme",
+        "webhook_id": hook,
+        "model": "ft:job-acmedone",
+    }
 
 
 def test_another_tenants_ids_are_404_on_every_route(
@@ -91,4 +113,8 @@ def test_another_tenants_ids_are_404_on_every_route(
     # ... and the lists show the intruder nothing of acme's.
     for url in ("/v1/jobs", "/v1/files", "/v1/webhooks"):
         assert client.get(url, headers=intruder).json()["data"] == []
-        assert len(client.get(url, headers=headers).json()["data"]) == 1
+        assert len(client.get(url, headers=headers).json()["data"]) == (2 if url == "/v1/jobs" else 1)
+    assert client.get("/v1/fine_tuning/jobs", headers=intruder).json()["data"] == []
+    models = [m["id"] for m in client.get("/v1/models", headers=intruder).json()["data"]]
+    assert "ft:job-acmedone" not in models
+    assert "ft:job-acmedone" in [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
