@@ -311,5 +311,6 @@ JOBS: Lifecycle[Job] = Lifecycle(Job, JobEvent, "job_id")
 JOBS.on_terminal(enqueue_terminal_event)
 # Teacher-cache builds (api/routes/teacher_caches.py, worker/cache_builds.py): the same machine.
 CACHES: Lifecycle[TeacherCache] = Lifecycle(TeacherCache, TeacherCacheEvent, "cache_id", noun="teacher cache")
+CACHES.on_terminal(enqueue_terminal_event)
 
 __all__ = ["CACHES", "CANCELLED", "FAILED", "JOBS", "QUEUED", "RUNNING", "SUCCEEDED", "Lease", "Lifecycle"]

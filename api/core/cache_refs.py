@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from akl_core.data import DataError, resolve_data_path  # torch-free at import
 from akl_core.spec import JobSpec
+from api.core import catalog
 from api.core.config import Settings
 from api.core.job_refs import (
     RefError,
-    _read_config,
     check_device,
     check_model_ref,
     check_student_layers,
@@ -31,8 +31,6 @@ from api.core.job_refs import (
 from api.crud import teacher_caches as caches_crud
 from api.db.models import SUCCEEDED, TeacherCache
 from api.schemas.teacher_caches import TeacherCacheCreate
-
-VOCAB_KEYS = ("vocab_size", "n_vocab")
 
 
 def teacher_vocab(ref: str, settings: Settings) -> int | None:
@@ -46,14 +44,10 @@ def teacher_vocab(ref: str, settings: Settings) -> int | None:
     path = (root / name).resolve()
     if not (path / "config.json").is_file():
         return None
-    config = _read_config(path, ref, "teacher")
-    for scope in (config, config.get("text_config")):
-        if isinstance(scope, dict):
-            for key in VOCAB_KEYS:
-                value = scope.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    return value
-    return None
+    try:
+        return catalog.vocab_size(catalog.read_config(path))
+    except catalog.ConfigError as exc:
+        raise RefError(422, "teacher", f"model {ref!r}: {exc}") from None
 
 
 def resolve_cache_request(

@@ -84,6 +84,11 @@ def num_layers(config: dict[str, Any]) -> int | None:
     return _positive_int(_text_scopes(config), *LAYER_KEYS)
 
 
+def vocab_size(config: dict[str, Any]) -> int | None:
+    """Vocabulary size of a config; None if unknown."""
+    return _positive_int(_text_scopes(config), "vocab_size", "n_vocab")
+
+
 def estimate_parameters(config: dict[str, Any]) -> int | None:
     """Parameters of a Llama-shaped decoder (Llama, Mistral, Qwen2, SmolLM, ...) from its config:
     embeddings, per layer q/k/v/o projections, a gated MLP (gate, up, down) and two RMSNorms, a
@@ -155,7 +160,7 @@ def describe(folder: Path, model_id: str, source: str) -> ModelFacts:
         created=int((folder / "config.json").stat().st_mtime),
         architecture=arch,
         num_layers=num_layers(config),
-        vocab_size=_positive_int(_text_scopes(config), "vocab_size"),
+        vocab_size=vocab_size(config),
         parameters=estimate_parameters(config),
         tokenizer_digest=digest,
         roles=roles,

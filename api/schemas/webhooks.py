@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.db.models import Webhook, WebhookAttempt
 from api.schemas.common import PublicModel, unix
 from api.webhooks.addresses import MAX_URL_CHARS
-from api.webhooks.outbox import EVENT_TYPES, RESERVED_EVENT_PREFIXES
+from api.webhooks.outbox import EVENT_TYPES
 
 # The same names as api.webhooks.outbox.EVENT_TYPES (tests/api/test_webhooks.py ties them).
-EventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
+EventType = Literal[
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "teacher_cache.succeeded",
+    "teacher_cache.failed",
+    "teacher_cache.cancelled",
+]
 
 
 class WebhookCreate(BaseModel):
@@ -28,19 +35,8 @@ class WebhookCreate(BaseModel):
         default_factory=lambda: cast(list[EventType], list(EVENT_TYPES)),
         min_length=1,
         max_length=16,
-        description="event types to deliver (default: all job events)",
+        description="event types to deliver (default: all of them)",
     )
-
-    @field_validator("events", mode="before")
-    @classmethod
-    def _not_reserved(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for name in value:
-                if isinstance(name, str) and name.startswith(RESERVED_EVENT_PREFIXES):
-                    raise ValueError(
-                        f"{name!r} is reserved for teacher-cache events, which are not delivered yet"
-                    )
-        return value
 
     @field_validator("events")
     @classmethod

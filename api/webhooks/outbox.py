@@ -28,6 +28,7 @@ from api.db.models import (
     FAILED,
     SUCCEEDED,
     Job,
+    TeacherCache,
     Webhook,
     WebhookAttempt,
     WebhookDelivery,
@@ -35,11 +36,15 @@ from api.db.models import (
     utcnow,
 )
 
-# Event types a webhook may subscribe to. ``teacher_cache.*`` is reserved for the teacher caches
-# (issue 12); registering one is refused until they emit events.
+# Event types a webhook may subscribe to: a job's and a teacher cache's terminal statuses (both
+# run on api.lifecycle, whose on_terminal hook calls enqueue_terminal_event).
 JOB_EVENTS = {SUCCEEDED: "job.succeeded", FAILED: "job.failed", CANCELLED: "job.cancelled"}
-EVENT_TYPES = tuple(JOB_EVENTS.values())
-RESERVED_EVENT_PREFIXES = ("teacher_cache.",)
+CACHE_EVENTS = {
+    SUCCEEDED: "teacher_cache.succeeded",
+    FAILED: "teacher_cache.failed",
+    CANCELLED: "teacher_cache.cancelled",
+}
+EVENT_TYPES = (*JOB_EVENTS.values(), *CACHE_EVENTS.values())
 
 
 def job_data(job: Any) -> dict[str, Any]:
@@ -61,21 +66,42 @@ def job_data(job: Any) -> dict[str, Any]:
     }
 
 
+def cache_data(cache: Any) -> dict[str, Any]:
+    """The ``data`` of a teacher-cache event (the fields of ``GET /v1/teacher_caches/{id}``)."""
+    error = {"code": cache.error_code, "message": cache.error_message} if cache.error_code else None
+    return {
+        "id": cache.id,
+        "object": "teacher_cache",
+        "status": cache.status,
+        "teacher": cache.teacher,
+        "top_k": cache.top_k,
+        "tokens": cache.tokens,
+        "bytes": cache.bytes,
+        "bytes_per_token": cache.bytes_per_token,
+        "created_at": _unix(cache.created_at),
+        "started_at": _unix(cache.started_at),
+        "finished_at": _unix(cache.finished_at),
+        "error": error,
+    }
+
+
 def _unix(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
 
-def enqueue_terminal_event(session: Session, job: Job | str, status: str) -> int:
-    """Write one outbox row per webhook of the job's tenant subscribed to this terminal ``status``,
-    in the caller's transaction (no commit: the rows exist if and only if the transition does).
-    ``job`` is the row or its id; it is read back here, so values the caller just UPDATEd count.
-    Returns the number of rows written."""
-    event_type = JOB_EVENTS.get(status)
+def enqueue_terminal_event(session: Session, row: Job | TeacherCache | str, status: str) -> int:
+    """Write one outbox row per webhook of the row's tenant subscribed to this terminal ``status``
+    of a job or a teacher cache, in the caller's transaction (no commit: the rows exist if and
+    only if the transition does). ``row`` is the job or cache row, or a job id; it is read back
+    here, so values the caller just UPDATEd count. Returns the number of rows written."""
+    model: type[Job] | type[TeacherCache] = TeacherCache if isinstance(row, TeacherCache) else Job
+    events, to_data = (CACHE_EVENTS, cache_data) if model is TeacherCache else (JOB_EVENTS, job_data)
+    event_type = events.get(status)
     if event_type is None:
-        raise ValueError(f"{status!r} is not a terminal job status")
-    job_id = job if isinstance(job, str) else job.id
-    row = session.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
-    current = row.scalar_one()
+        raise ValueError(f"{status!r} is not a terminal status")
+    row_id = row if isinstance(row, str) else row.id
+    found = session.execute(select(model).where(model.id == row_id).execution_options(populate_existing=True))
+    current = found.scalar_one()
     hooks = session.scalars(select(Webhook).where(Webhook.tenant_id == current.tenant_id)).all()
     now = utcnow()
     written = 0
@@ -86,7 +112,7 @@ def enqueue_terminal_event(session: Session, job: Job | str, status: str) -> int
         body = {
             "type": event_type,
             "timestamp": now.isoformat().replace("+00:00", "Z"),
-            "data": job_data(current),
+            "data": to_data(current),
         }
         session.add(
             WebhookDelivery(

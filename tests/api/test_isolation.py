@@ -48,7 +48,12 @@ def test_every_route_needs_a_valid_key(
     ]
     for method, path in _routes(settings):
         url = path.format(
-            job_id="job-x", file_id="file-x", checkpoint_id="ckpt-x", webhook_id="wh-x", model="preset:tiny"
+            job_id="job-x",
+            file_id="file-x",
+            checkpoint_id="ckpt-x",
+            webhook_id="wh-x",
+            model="preset:tiny",
+            cache_id="cache-x",
         )
         for bad in bad_keys:
             response = client.request(method, url, headers=bad)
@@ -68,8 +73,8 @@ def test_revoked_keys_are_refused(client: TestClient, headers: dict[str, str], d
 def owned(
     client: TestClient, headers: dict[str, str], db: Session, settings: Settings, tmp_path: Path
 ) -> dict[str, str]:
-    """A file, a job, a checkpoint and a webhook of tenant acme, and a distilled model (a succeeded
-    job's)."""
+    """A file, a job, a checkpoint, a webhook and a teacher cache of tenant acme, and a distilled
+    model (a succeeded job's)."""
     file_id = upload(client, headers).json()["id"]
     job_id = client.post("/v1/jobs", headers=headers, json=job_body(data={"train": file_id})).json()["id"]
     db.add(JobCheckpoint(id="ckpt-acme", job_id=job_id, step=1, path="final", is_final=True))
@@ -84,7 +89,12 @@ def owned(
     db.commit()
     hook = client.post("/v1/webhooks", headers=headers, json={"url": "https://93.184.216.34/h"}).json()["id"]
     assert client.get("/v1/models/ft:job-acmedone", headers=headers).status_code == 200
+    cache = client.post(
+        "/v1/teacher_caches", headers=headers, json={"teacher": "preset:tiny", "data": {"train": file_id}}
+    )
+    assert cache.status_code == 201, cache.text
     return {
+        "cache_id": cache.json()["id"],
         "file_id": file_id,
         "job_id": job_id,
         "checkpoint_id": "ckpt-acme",
@@ -110,8 +120,10 @@ def test_another_tenants_ids_are_404_on_every_route(
     assert client.get(f"/v1/files/{owned['file_id']}", headers=headers).status_code == 200
     assert client.get(f"/v1/jobs/{owned['job_id']}", headers=headers).json()["status"] == "queued"
     assert client.get(f"/v1/webhooks/{owned['webhook_id']}", headers=headers).status_code == 200
+    cache = client.get(f"/v1/teacher_caches/{owned['cache_id']}", headers=headers).json()
+    assert cache["status"] == "queued"
     # ... and the lists show the intruder nothing of acme's.
-    for url in ("/v1/jobs", "/v1/files", "/v1/webhooks"):
+    for url in ("/v1/jobs", "/v1/files", "/v1/webhooks", "/v1/teacher_caches"):
         assert client.get(url, headers=intruder).json()["data"] == []
         assert len(client.get(url, headers=headers).json()["data"]) == (2 if url == "/v1/jobs" else 1)
     assert client.get("/v1/fine_tuning/jobs", headers=intruder).json()["data"] == []

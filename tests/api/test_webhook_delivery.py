@@ -36,6 +36,7 @@ from api.db.models import (
     new_id,
 )
 from api.db.session import get_engine, session_factory
+from api.lifecycle import JOBS
 from api.main import create_app
 from api.webhooks import outbox
 from api.webhooks.deliverer import Deliverer
@@ -78,7 +79,7 @@ def finish_jobs(settings: Settings, statuses: list[str], tenant: str = "acme") -
         session.commit()
     for job_id, status in zip(ids, statuses, strict=True):
         assert leases.claim(factory, job_id, "worker-1", lease_s=60) is not None
-        assert leases.finish(factory, job_id, "worker-1", status)
+        assert leases.transact(factory, JOBS.finish, job_id, "worker-1", status, message="ended")
     return ids
 
 

@@ -21,6 +21,7 @@ from api.db.models import (
     RUNNING,
     SUCCEEDED,
     Job,
+    TeacherCache,
     Tenant,
     WebhookAttempt,
     WebhookDelivery,
@@ -28,9 +29,10 @@ from api.db.models import (
     utcnow,
 )
 from api.db.session import get_engine, session_factory
+from api.lifecycle import CACHES, JOBS
 from api.main import create_app
 from api.schemas.webhooks import EventType
-from api.webhooks.outbox import EVENT_TYPES, JOB_EVENTS, enqueue_terminal_event
+from api.webhooks.outbox import CACHE_EVENTS, EVENT_TYPES, JOB_EVENTS, enqueue_terminal_event
 from worker import leases
 
 PUBLIC_URL = "https://93.184.216.34/hooks"  # a global literal: no DNS lookup in tests
@@ -73,7 +75,7 @@ def _deliveries(db: Session) -> list[WebhookDelivery]:
 
 
 def test_event_names_are_one_list() -> None:
-    assert typing.get_args(EventType) == EVENT_TYPES == tuple(JOB_EVENTS.values())
+    assert typing.get_args(EventType) == EVENT_TYPES == (*JOB_EVENTS.values(), *CACHE_EVENTS.values())
 
 
 def test_register_shows_the_secret_once_and_lists_without_it(
@@ -104,7 +106,8 @@ def test_delete_and_another_tenants_webhook_is_404(
         ("delete", f"/v1/webhooks/{hook}"),
     ]:
         answer = client.request(method, path, headers=other)
-        assert answer.status_code == 404 and answer.json() == {"detail": f"webhook {hook!r} not found"}
+        assert answer.status_code == 404 and answer.json()["detail"] == f"webhook {hook!r} not found"
+        assert answer.json()["error"]["message"] == f"webhook {hook!r} not found"
     assert client.get("/v1/webhooks", headers=other).json()["data"] == []
     assert client.delete(f"/v1/webhooks/{hook}", headers=acme).json() == {
         "id": hook,
@@ -124,7 +127,11 @@ def test_delete_and_another_tenants_webhook_is_404(
         ({"url": "http://[::ffff:10.0.0.1]/"}, ["body", "url"], "private"),
         ({"url": "http://2130706433/"}, ["body", "url"], "loopback"),
         ({"url": "ftp://93.184.216.34/"}, ["body", "url"], "https://"),
-        ({"url": PUBLIC_URL, "events": ["teacher_cache.ready"]}, ["body", "events"], "reserved"),
+        (
+            {"url": PUBLIC_URL, "events": ["teacher_cache.ready"]},
+            ["body", "events", 0],
+            "teacher_cache.failed",
+        ),
         ({"url": PUBLIC_URL, "events": ["job.started"]}, ["body", "events", 0], "job.succeeded"),
         ({"url": PUBLIC_URL, "events": []}, ["body", "events"], "at least 1"),
         ({"url": PUBLIC_URL, "secret": "mine"}, ["body", "secret"], "not permitted"),
@@ -189,10 +196,12 @@ def test_the_workers_finish_writes_the_event_in_its_transaction(
     factory = session_factory(get_engine(settings.database_url))
     assert leases.claim(factory, job.id, "w1", lease_s=60) is not None
     assert _deliveries(db) == []
-    assert not leases.finish(factory, job.id, "someone-else", status)  # not ours: no transition, no row
+    assert not leases.transact(
+        factory, JOBS.finish, job.id, "someone-else", status, message="ended"
+    )  # not ours: no transition, no row
     assert _deliveries(db) == []
     error = {"error_code": "nan_loss", "error_message": "the loss became NaN"} if status == FAILED else {}
-    assert leases.finish(factory, job.id, "w1", status, **error)
+    assert leases.transact(factory, JOBS.finish, job.id, "w1", status, message="ended", **error)
     [row] = _deliveries(db)
     data = json.loads(row.body)["data"]
     assert (row.webhook_id, row.event_type) == (hook, JOB_EVENTS[status])
@@ -214,8 +223,37 @@ def test_an_expired_lease_with_cancel_requested_ends_cancelled_with_its_event(
         lease_expires_at=past,
     )
     factory = session_factory(get_engine(settings.database_url))
-    assert leases.cancel_expired(factory, job.id)
+    assert leases.transact(factory, JOBS.requeue, job.id) == CANCELLED
     assert [r.event_type for r in _deliveries(db)] == ["job.cancelled"]
+
+
+@pytest.mark.parametrize("status", [SUCCEEDED, FAILED, CANCELLED])
+def test_a_teacher_cache_build_that_ends_writes_its_event(
+    client: TestClient, headers: dict[str, str], db: Session, settings: Settings, status: str
+) -> None:
+    """Cache builds run on the same lifecycle: their terminal transitions reach the outbox too,
+    only for webhooks subscribed to teacher_cache.* events."""
+    client.post("/v1/webhooks", headers=headers, json={"url": PUBLIC_URL, "events": ["job.succeeded"]})
+    hook = client.post(
+        "/v1/webhooks", headers=headers, json={"url": PUBLIC_URL, "events": list(CACHE_EVENTS.values())}
+    ).json()["id"]
+    cache = TeacherCache(
+        id=new_id("cache"), tenant_id=_tenant_id(db, "acme"), teacher="preset:tiny", top_k=16, spec={}
+    )
+    factory = session_factory(get_engine(settings.database_url))
+    leases.transact(factory, CACHES.create, cache)
+    assert _deliveries(db) == []
+    if status == CANCELLED:  # a queued build cancelled at once
+        assert leases.transact(factory, CACHES.cancel, cache.id) == "cancelled"
+    else:
+        assert leases.transact(factory, CACHES.claim, cache.id, "w1", lease_s=60) is not None
+        assert leases.transact(factory, CACHES.finish, cache.id, "w1", status, message="ended", tokens=384)
+    [row] = _deliveries(db)
+    body = json.loads(row.body)
+    assert (row.webhook_id, row.event_type, row.subject_id) == (hook, CACHE_EVENTS[status], cache.id)
+    assert body["type"] == CACHE_EVENTS[status] and body["data"]["object"] == "teacher_cache"
+    assert body["data"]["status"] == status and body["data"]["top_k"] == 16
+    assert body["data"]["tokens"] == (None if status == CANCELLED else 384)
 
 
 def test_enqueue_writes_nothing_if_the_transition_rolls_back(
