@@ -4,6 +4,7 @@ password - reaches a log, an event or an error body, also while the database is 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,7 +99,9 @@ def test_every_route_of_the_app_needs_a_key(settings: Settings, client: TestClie
 
     for path, route, inherited in routes:
         assert get_current_tenant in inherited or needs_tenant(route.dependant), f"{path} needs no API key"
-        assert path in documented, f"{path} is hidden from the schema (and so from tests/api)"
+        # OpenAPI writes a path convertor ({model:path}) as the plain parameter ({model})
+        plain = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+        assert plain in documented, f"{path} is hidden from the schema (and so from tests/api)"
         url = path.format(**{name: "x" for name in route.param_convertors})
         for method in route.methods - {"HEAD"}:
             assert client.request(method, url).status_code == 401, (method, path)
