@@ -397,6 +397,7 @@ def _teacher_eval(spec: CacheSpec, t: _Teacher, out_dir: Path, sink: EventSink) 
     refs = [data.prompt_and_references(examples[i], t.tokenizer)[1] for i in chosen]
     sink.log(f"scoring the teacher on {len(prompts)} validation prompts x {len(ev.seeds)} seeds")
     metrics = evaluation.teacher_rouge(t.model, t.tokenizer, prompts, refs, ev, t.device, out_dir)
+    assert metrics is not None  # None only without a teacher model
     line = {
         "rouge_l": metrics["rouge_l"],
         "rouge_l_std": metrics["rouge_l_std"],

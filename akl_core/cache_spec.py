@@ -15,14 +15,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from akl_core.spec import MODEL_REF_PATTERN, EvaluationSpec, JobSpec, check_model_ref
 
 CACHE_PREFIX = "cache:"
-CACHE_FORMAT = "akl-teacher-cache/1"
+CACHE_FORMAT: Final = "akl-teacher-cache/1"
 MANIFEST = "manifest.json"
 DEFAULT_TOP_K = 64
 MAX_TOP_K = 1024

@@ -19,11 +19,10 @@ k + 1 coarse-grained outcomes of the cached validation split (at most the dense 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from akl_core import data, models, students
 from akl_core.batches import Batch, Row, collate
@@ -38,6 +37,9 @@ from akl_core.teacher_cache import (
     tokenizer_sha256,
     weights_sha256,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class CachedTeacher:
@@ -59,7 +61,12 @@ class CachedTeacher:
 
     @torch.no_grad()
     def val_kl(
-        self, student: nn.Module, tokenized: list[Row], pad_id: int, batch_size: int, device: torch.device
+        self,
+        student: PreTrainedModel,
+        tokenized: list[Row],
+        pad_id: int,
+        batch_size: int,
+        device: torch.device,
     ) -> float:
         """KL(teacher || student) on the k + 1 outcomes, mean over validation response tokens."""
         from akl_core.sparse import compute_sparse
@@ -106,11 +113,13 @@ def load_cache_inputs(
             "invalid_cache", f"teacher cache {cache_dir}: tokenizer differs from the manifest's"
         )
     _check_job(spec, cache)
+    student: PreTrainedModel
     if resume_from is not None:
         student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
     else:
         student = _build_student(spec, cache, tokenizer, models_root, allow_hub)
-    student = student.to(device=device, dtype=torch.float32)
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to): mypy sees an unbound call
+    student = student.to(device=device, dtype=torch.float32)  # type: ignore[call-arg]
     vocab = _vocab(student, tokenizer, cache)
     train, validation = load_data(spec, tokenizer)
     _check_rows(cache, "train", train, "data.train")
@@ -163,6 +172,7 @@ def _validation_status(
     if not validation:
         return [], False
     cached = cache.manifest.splits.get("validation")
+    assert spec.data.validation is not None  # validation examples were read from it
     path = data.resolve_data_path(spec.data.validation)
     if cached is None or file_sha256(path) != cached.sha256:
         return [
@@ -174,7 +184,7 @@ def _validation_status(
     return [], True
 
 
-def _vocab(student: nn.Module, tokenizer, cache: TeacherCache) -> int:
+def _vocab(student: PreTrainedModel, tokenizer, cache: TeacherCache) -> int:
     rows = int(student.get_output_embeddings().weight.shape[0])
     if rows < cache.vocab_size or len(tokenizer) > cache.vocab_size:
         raise DistillError(
@@ -188,12 +198,13 @@ def _vocab(student: nn.Module, tokenizer, cache: TeacherCache) -> int:
 # -- the student --------------------------------------------------------------------------------
 
 
-def _build_student(spec: JobSpec, cache: TeacherCache, tokenizer, models_root, allow_hub) -> nn.Module:
+def _build_student(spec: JobSpec, cache: TeacherCache, tokenizer, models_root, allow_hub) -> PreTrainedModel:
     s = spec.student
     if s.init == "config":
         return students.build_student(s, cache.tokenizer_dir, models_root, allow_hub, spec.training.seed)
     if s.init == "pretrained":
         student = students.build_student(s, cache.tokenizer_dir, models_root, allow_hub, spec.training.seed)
+        assert s.model is not None  # StudentSpec validates this
         s_path = models.resolve_model_ref(s.model, models_root=models_root, allow_hub=allow_hub)
         models.check_tokenizers(tokenizer, models.load_tokenizer(s_path))
         return student
@@ -224,7 +235,7 @@ def _teacher_weights(cache: TeacherCache, models_root, allow_hub) -> Path:
     return path
 
 
-def truncated_from_files(teacher_path: Path, num_layers: int | None) -> nn.Module:
+def truncated_from_files(teacher_path: Path, num_layers: int | None) -> PreTrainedModel:
     """``students.build_student(truncate)`` reading only the kept tensors from the teacher's
     safetensors files: the same student, without the whole teacher in memory. Falls back to
     the full load when the files' names are not the model's (a converted checkpoint format)."""

@@ -46,7 +46,9 @@ def rng_state() -> dict[str, Any]:
         import numpy as np
 
         # plain types + a tensor, so the state loads with torch.load(weights_only=True)
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        np_state = np.random.get_state(legacy=True)
+        assert isinstance(np_state, tuple), "the global RandomState is an MT19937 (legacy tuple)"
+        name, keys, pos, has_gauss, cached = np_state
         state["numpy"] = (
             str(name),
             torch.from_numpy(keys.astype(np.int64)),
@@ -97,7 +99,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    # torch types Module.__getattr__ as Tensor | Module; model is a transformers/PEFT model here
+    model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(

@@ -15,9 +15,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 models_app = typer.Typer(help="Model presets and the local models root.", no_args_is_help=True)
 cache_app = typer.Typer(
@@ -46,7 +49,7 @@ class _ProgressView:
             TextColumn("{task.description}"),
             console=console,
         )
-        self.task = None
+        self.task: TaskID | None = None
 
     def __enter__(self):
         self.progress.start()
@@ -186,9 +189,9 @@ def eval_command(
         batch_size=batch_size,
     )
     tokenizer = models.load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(
-        device
-    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to): mypy sees an unbound call
+    model = model.to(device)  # type: ignore[arg-type]
     examples = data_mod.read_examples(data, data_format, None)
     teacher_model, vocab = None, None
     if teacher is not None:

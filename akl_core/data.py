@@ -140,7 +140,7 @@ def _keep_prompt_end(ids: list[int], max_prompt_length: int, bos_id: int | None)
 
 def encode_prompt(ex: Example, tokenizer, max_prompt_length: int) -> list[int]:
     """Prompt token ids for generation, exactly as ``tokenize_example`` conditions the response."""
-    if ex.is_chat:
+    if ex.messages is not None:  # a chat example (ex.is_chat)
         text = render_chat(tokenizer, ex.messages[:-1], add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
@@ -154,7 +154,7 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length:
     The prompt keeps its last max_prompt_length tokens; the whole sequence its first max_length.
     The response ends with EOS so the student learns to stop.
     """
-    if ex.is_chat:
+    if ex.messages is not None:  # a chat example (ex.is_chat)
         from jinja2 import TemplateError
 
         try:
@@ -235,10 +235,11 @@ def prompt_and_references(ex: Example, tokenizer=None) -> tuple[str, list[str]]:
 
     To get token ids identical to training, prefer ``encode_prompt`` (it handles BOS).
     """
-    if ex.is_chat:
+    if ex.messages is not None:  # a chat example (ex.is_chat)
         if tokenizer is None:
             raise ValueError("prompt_and_references: chat examples need the tokenizer (its chat template)")
         return render_chat(tokenizer, ex.messages[:-1], add_generation_prompt=True), [
             ex.messages[-1]["content"]
         ]
+    assert ex.prompt is not None and ex.response is not None, "a prompt/response example has both"
     return ex.prompt, [ex.response]

@@ -110,7 +110,8 @@ def generate(
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # (b, width + new)
+            # (b, width + new); torch types Module.__getattr__ as Tensor | Module: generate is HF's
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # type: ignore[operator]
             texts.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
     return texts
 
@@ -140,7 +141,8 @@ def rouge_over_seeds(
             device=device,
         )
 
-    scores, words = [], []
+    scores: list[float] = []
+    words: list[list[str]] = []
     for seed in spec.seeds:
         texts = decode(seed, spec.temperature)
         scores.append(corpus_rouge_l(texts, references))

@@ -133,8 +133,8 @@ def _parse_row(row: dict[str, Any], fmt: str, where: str, number: int) -> Exampl
         instruction = _string(row, "instruction", where)
         context = _string(row, "context", where, required=False, empty_ok=True)
         template = DOLLY_CONTEXT_TEMPLATE if context and context.strip() else DOLLY_TEMPLATE
-        prompt = template.format(instruction=instruction, context=context)
-        return Example(prompt=prompt, response=_string(row, "response", where), line=number)
+        dolly_prompt = template.format(instruction=instruction, context=context)
+        return Example(prompt=dolly_prompt, response=_string(row, "response", where), line=number)
     # prompt_response
     prompt = _string(row, "prompt", where, empty_ok=True)
     key = "response" if "response" in row or "completion" not in row else "completion"

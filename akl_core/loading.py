@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,12 +18,15 @@ from akl_core.batches import Row
 from akl_core.events import DistillError
 from akl_core.spec import JobSpec
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 @dataclass
 class RunInputs:
     tokenizer: Any
-    teacher: nn.Module | None  # frozen, eval mode; None when the teacher is a cache
-    student: nn.Module  # the bare model (not wrapped), train mode, float32
+    teacher: PreTrainedModel | None  # frozen, eval mode; None when the teacher is a cache
+    student: PreTrainedModel  # the bare model (not wrapped), train mode, float32
     vocab: int  # logit columns both models share
     train: list[Row]  # tokenized training examples
     validation: list[data.Example]  # raw validation examples (evaluation tokenizes them itself)
@@ -55,16 +58,19 @@ def load_inputs(
     teacher_path = models.resolve_model_ref(spec.teacher, models_root=models_root, allow_hub=allow_hub)
     tokenizer = models.load_tokenizer(teacher_path)
     teacher = models.load_teacher(teacher_path, dtype=teacher_dtype(t.teacher_dtype, device), device=device)
+    student: PreTrainedModel
     if resume_from is not None:
         student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
     else:
         student = students.build_student(spec.student, teacher_path, models_root, allow_hub, t.seed)
         if spec.student.init == "pretrained":
+            assert spec.student.model is not None  # StudentSpec validates this
             s_path = models.resolve_model_ref(
                 spec.student.model, models_root=models_root, allow_hub=allow_hub
             )
             models.check_tokenizers(tokenizer, models.load_tokenizer(s_path))
-    student = student.to(device=device, dtype=torch.float32)
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to): mypy sees an unbound call
+    student = student.to(device=device, dtype=torch.float32)  # type: ignore[call-arg]
     vocab = models.common_vocab_size(teacher, student, tokenizer)
     train, validation = load_data(spec, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -87,7 +93,9 @@ def load_data(spec: JobSpec, tokenizer: Any) -> tuple[list[Row], list[data.Examp
     return train, validation
 
 
-def prepare_for_training(student: nn.Module, teacher: nn.Module | None, gradient_checkpointing: bool) -> None:
+def prepare_for_training(
+    student: PreTrainedModel, teacher: nn.Module | None, gradient_checkpointing: bool
+) -> None:
     if gradient_checkpointing:
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
             student.activation_checkpointing_enable({"use_reentrant": False})

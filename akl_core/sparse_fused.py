@@ -77,17 +77,19 @@ def _fused_forward(sh, sw, sb, teacher: Teacher, _tw, _tb, labels, name, opts, n
             loss_sum += loss.sum()
             for k, val in st.items():
                 stats[k] = stats[k] + val if k in stats else val
-        if need_grad:
-            softcap_grad_(g, s_c, caps[0])
-        if need_h:
+        if g is None:  # no gradient wanted (need_grad is False)
+            continue
+        softcap_grad_(g, s_c, caps[0])
+        if grad_h is not None:  # need_h
+            assert w32 is not None  # made with grad_h
             gh = g @ w32  # (R, H)
             if isinstance(sel, slice):
                 grad_h[sel] = gh
             else:
                 grad_h.index_copy_(0, sel, gh.to(grad_h.dtype))
-        if need_w:
+        if grad_w is not None:  # need_w
             grad_w.addmm_(g.t(), h_c.float())  # (V, H)
-        if need_b:
+        if grad_b is not None:  # need_b
             grad_b += g.sum(0)
     return loss_sum, int(valid.sum()), stats, (grad_h, grad_w, grad_b)
 

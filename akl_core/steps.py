@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from akl_core import divergences
@@ -35,13 +36,16 @@ from akl_core.sparse_fused import compute_sparse_fused
 from akl_core.spec import JobSpec
 from akl_core.teacher_cache import CacheRows
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class ResponseLogits(nn.Module):
     """Wraps a causal LM; ``forward`` returns the logits (N, V) at the N positions whose next-token
     label is valid, plus those labels (N,). DDP wraps this module, so gradients sync as usual.
     With ``hidden_only`` it returns the hidden states (N, H) for the fused lm_head + loss."""
 
-    def __init__(self, lm: nn.Module, hidden_only: bool = False):
+    def __init__(self, lm: PreTrainedModel, hidden_only: bool = False):
         super().__init__()
         self.lm = lm
         self.hidden_only = hidden_only
@@ -128,7 +132,8 @@ def train_step(
     sums = StepSums(stats={k: 0.0 for k in STEP_STATS})
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not info.enabled
-        with contextlib.nullcontext() if sync else ctx.student.no_sync():
+        # not sync implies info.enabled: the student is a DistributedDataParallel wrapper
+        with contextlib.nullcontext() if sync else cast(DDP, ctx.student).no_sync():
             ce_sum, kd_sum, stats_sum, n = micro_loss(ctx, batch)
             total = ((1.0 - r) * ce_sum + r * kd_sum) * scale
             total.backward()
@@ -224,7 +229,7 @@ def _fused_losses(ctx: StepContext, s_hidden: torch.Tensor, t_hidden: torch.Tens
     models apply them: bias (Phi) and final soft-capping (Gemma-2) included."""
     kd_name, opts = _divergence(ctx.spec)
     s_w, s_b, s_cap = _head_parts(ctx.student)
-    t_w, t_b, t_cap = _head_parts(ctx.teacher)
+    t_w, t_b, t_cap = _head_parts(cast(nn.Module, ctx.teacher))  # a live teacher: hidden states
     ce_sum = _chunked_ce(s_hidden, s_w, targets, s_b, s_cap)
     vocab = ctx.vocab
     with torch.set_grad_enabled(ctx.spec.loss.name != "sft" and torch.is_grad_enabled()):
@@ -279,7 +284,7 @@ def _cached_losses(ctx: StepContext, s_out: torch.Tensor, rows: CacheRows, targe
 
 def _head_parts(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """(lm_head weight, its bias or None, final logit soft-cap or None) of a ResponseLogits."""
-    lm = unwrap(wrapper).lm
+    lm = cast(ResponseLogits, unwrap(wrapper)).lm
     head = lm.get_output_embeddings()
     return head.weight, getattr(head, "bias", None), getattr(lm.config, "final_logit_softcapping", None)
 

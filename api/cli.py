@@ -9,7 +9,7 @@ import typer
 keys_app = typer.Typer(help="Manage API keys (stored hashed; a key is shown once).", no_args_is_help=True)
 
 
-def _session():  # type: ignore[no-untyped-def]
+def _session():
     from api.core.config import Settings
     from api.db.session import get_engine, migrate, session_factory
 

@@ -45,7 +45,7 @@ from api.db.models import (
 from api.webhooks.outbox import enqueue_terminal_event
 
 Row = TypeVar("Row")
-TerminalHook = Callable[[Session, Any, str], None]  # (session, row, status)
+TerminalHook = Callable[[Session, Any, str], object]  # (session, row, status); the return value is ignored
 
 
 @dataclass(frozen=True)

@@ -144,15 +144,15 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts: DivergenceOptions
             stats[k] = stats[k] + val if k in stats else val
         if need_grad:
             softcap_grad_(g, s_c, caps[0])
-        if need_h:
+        if grad_h is not None:  # need_h
             gh = g.to(sw.dtype) @ sw
             if isinstance(sel, slice):
                 grad_h[sel] = gh
             else:
                 grad_h.index_copy_(0, sel, gh.to(grad_h.dtype))
-        if need_w:
+        if grad_w is not None:  # need_w
             grad_w.addmm_(g.t().to(sw.dtype), h_c.to(sw.dtype))
-        if need_b:
+        if grad_b is not None:  # need_b
             grad_b += g.float().sum(0)
     return loss_sum, int(valid.sum()), stats, (grad_h, grad_w, grad_b)
 

@@ -222,7 +222,7 @@ def charset_problem(content_type: EmailMessage) -> str | None:
         "application/x-www-form-urlencoded",
     ):
         return None
-    charset = collapse_rfc2231_value(param)  # type: ignore[arg-type]
+    charset = collapse_rfc2231_value(param)
     try:
         name = codecs.lookup(charset).name
     except LookupError:

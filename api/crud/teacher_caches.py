@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from api.db.models import QUEUED, RUNNING, Job, TeacherCache, TeacherCacheEvent, new_id, utcnow
@@ -118,11 +118,12 @@ def request_cancel(*, session: Session, row: TeacherCache) -> bool:
 def delete_cache(*, session: Session, row: TeacherCache) -> bool:
     """Mark a finished cache deleted (conditional: a build that started meanwhile is not);
     the caller commits, then ``remove_stored``. False when the cache is queued or running."""
-    done = session.execute(
+    stmt = (
         update(TeacherCache)
         .where(TeacherCache.id == row.id, TeacherCache.status.not_in((QUEUED, RUNNING)))
         .values(deleted_at=utcnow())
     )
+    done = cast(CursorResult[Any], session.execute(stmt))  # an UPDATE: a cursor result
     if done.rowcount != 1:
         session.rollback()
         return False

@@ -55,7 +55,7 @@ class TeacherCachePublic(PublicModel):
         teacher_eval = manifest.get("teacher_eval")
         return cls(
             id=row.id,
-            status=row.status,  # type: ignore[arg-type]
+            status=row.status,
             created_at=unix(row.created_at) or 0,
             started_at=unix(row.started_at),
             finished_at=unix(row.finished_at),

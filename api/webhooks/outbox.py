@@ -15,9 +15,9 @@ import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import (
@@ -101,7 +101,7 @@ def enqueue_terminal_event(session: Session, row: Job | TeacherCache | str, stat
         raise ValueError(f"{status!r} is not a terminal status")
     row_id = row if isinstance(row, str) else row.id
     found = session.execute(select(model).where(model.id == row_id).execution_options(populate_existing=True))
-    current = found.scalar_one()
+    current = cast(Job | TeacherCache, found.scalar_one())  # select(model): a row of that model
     hooks = session.scalars(select(Webhook).where(Webhook.tenant_id == current.tenant_id)).all()
     now = utcnow()
     written = 0
@@ -183,7 +183,7 @@ def claim(
         .execution_options(synchronize_session=False)
     )
     with session_factory() as session, session.begin():
-        if session.execute(stmt).rowcount != 1:
+        if cast(CursorResult[Any], session.execute(stmt)).rowcount != 1:
             return None
         row = session.execute(
             select(WebhookDelivery, Webhook.url, Webhook.secret)
@@ -248,7 +248,7 @@ def record(
         .execution_options(synchronize_session=False)
     )
     with session_factory() as session, session.begin():
-        if session.execute(stmt).rowcount != 1:
+        if cast(CursorResult[Any], session.execute(stmt)).rowcount != 1:
             return None
         session.add(
             WebhookAttempt(
