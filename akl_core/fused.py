@@ -54,10 +54,32 @@ def softcap_grad_(grad: Tensor, capped: Tensor, cap: float | None) -> Tensor:
     return grad.mul_(1.0 - (capped.float() / cap).square_())
 
 
-def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None, None)):
-    """Loss sum, num_tokens, stats sums, and the grads (None where not needed).
+def lm_head_backward(g: Tensor, sel, h_c: Tensor, w32: Tensor | None, grads: tuple) -> None:
+    """Accumulate one chunk's lm_head gradients from g, the (R, V) fp32 gradient wrt its logits:
+    grad_h[sel] = g @ W, grad_w += g.T @ h, grad_b += g.sum(0) (None entries are skipped)."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        assert w32 is not None  # made whenever grad_h is
+        gh = g @ w32  # (R, H)
+        if isinstance(sel, slice):
+            grad_h[sel] = gh
+        else:
+            grad_h.index_copy_(0, sel, gh.to(grad_h.dtype))
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h_c.float())  # (V, H)
+    if grad_b is not None:
+        grad_b += g.sum(0)
 
-    caps: the student's and teacher's final logit soft-capping (Gemma-2), or None.
+
+def fused_loop(sh, sw, sb, labels, name, opts, need, cap, chunk: Callable):
+    """The fused lm_head loop the dense and the sparse fused paths share (Liger-Kernel's pattern:
+    one base owns the chunking, each loss supplies its per-chunk divergence).
+
+    For each matmul chunk of valid rows ``sel`` (r rows, ``big`` its Workspace) it computes the
+    student's logits (soft-capped by cap), calls ``chunk(sel, r, big)`` for the chunk's divergence
+    ``div(a, b, s_logits, need_grad, ws, out) -> (loss, _, stats)`` on rows a:b, and accumulates
+    the gradients wrt sh, sw and sb (``need``). Returns (loss_sum, num_tokens, stats sums,
+    (grad_h, grad_w, grad_b)), the grads None where not needed.
     """
     need_h, need_w, need_b = need
     need_grad = any(need)
@@ -65,6 +87,7 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None,
     grad_h = torch.zeros_like(sh) if need_h else None
     grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if need_w else None
     grad_b = torch.zeros(sb.shape, dtype=torch.float32, device=sb.device) if need_b else None
+    grads = (grad_h, grad_w, grad_b)
     w32 = sw.float() if need_h else None
     loss_sum = sh.new_zeros((), dtype=torch.float32)
     stats: dict[str, Tensor] = {}
@@ -77,29 +100,35 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None,
     for sel in chunk_selectors(valid, rows):
         h_c = sh[sel]
         r = h_c.shape[0]
-        s_c = softcap_(_logits(h_c, sw, sb, big.get("s_logits", r, sh.dtype)), caps[0])
-        t_c = softcap_(_logits(th[sel], tw, tb, big.get("t_logits", r, th.dtype)), caps[1])
+        s_c = softcap_(_logits(h_c, sw, sb, big.get("s_logits", r, sh.dtype)), cap)
+        div = chunk(sel, r, big)
         g = big.get("grad", r) if need_grad else None  # (R, V) fp32
         for a in range(0, r, sub_rows):
             b = min(a + sub_rows, r)
             out = None if g is None else g[a:b]
-            loss, _, st = divergence_chunk(name, s_c[a:b], t_c[a:b], opts, need_grad, ws, out)
+            loss, _, st = div(a, b, s_c[a:b], need_grad, ws, out)
             loss_sum += loss.sum()
             for k, val in st.items():
                 stats[k] = stats[k] + val if k in stats else val
-        if need_grad:
-            softcap_grad_(g, s_c, caps[0])
-        if need_h:
-            gh = g @ w32  # (R, H)
-            if isinstance(sel, slice):
-                grad_h[sel] = gh
-            else:
-                grad_h.index_copy_(0, sel, gh.to(grad_h.dtype))
-        if need_w:
-            grad_w.addmm_(g.t(), h_c.float())  # (V, H)
-        if need_b:
-            grad_b += g.sum(0)
-    return loss_sum, int(valid.sum()), stats, (grad_h, grad_w, grad_b)
+        if g is not None:
+            softcap_grad_(g, s_c, cap)
+            lm_head_backward(g, sel, h_c, w32, grads)
+    return loss_sum, int(valid.sum()), stats, grads
+
+
+def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None, None)):
+    """Loss sum, num_tokens, stats sums, and the grads (None where not needed).
+
+    caps: the student's and teacher's final logit soft-capping (Gemma-2), or None.
+    """
+
+    def chunk(sel, r, big):
+        t_c = softcap_(_logits(th[sel], tw, tb, big.get("t_logits", r, th.dtype)), caps[1])
+        return lambda a, b, s, need_grad, ws, out: divergence_chunk(
+            name, s, t_c[a:b], opts, need_grad, ws, out
+        )
+
+    return fused_loop(sh, sw, sb, labels, name, opts, need, caps[0], chunk)
 
 
 def fused_grad_in_forward(forward: Callable) -> type[torch.autograd.Function]:

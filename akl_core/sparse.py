@@ -55,10 +55,9 @@ from akl_core.divergences import (
     DivergenceOutput,
     Workspace,
     check_name,
-    chunk_loop,
-    chunk_rows,
     finish,
     grad_in_forward,
+    rows_forward,
 )
 
 SPARSE_STAT_NAMES = (*STAT_NAMES, "head_truncated")
@@ -369,19 +368,12 @@ def _forward(
     name: str, s: Tensor, teacher: Teacher, labels: Tensor, opts: DivergenceOptions, need_grad: bool
 ) -> tuple[Tensor, Tensor | None, int, dict[str, Tensor]]:
     ids, lp, tail = teacher
-    valid = labels != opts.ignore_index
-    grad = None
-    if need_grad:
-        grad = torch.empty_like(s) if bool(valid.all()) else torch.zeros_like(s)
-    rows = chunk_rows(opts, s.shape[-1], s.device, name)
-    ws = Workspace(min(rows, s.shape[0]), s.shape[-1], s.device)
 
-    def per_chunk(chunk: tuple[Tensor, ...], out: Tensor | None):
+    def divergence(chunk: tuple[Tensor, ...], ws: Workspace, out: Tensor | None):
         s_c, ids_c, lp_c, tail_c = chunk
         return sparse_chunk(name, s_c, ids_c, lp_c, tail_c, opts, need_grad, ws, out)
 
-    loss_sum, stats = chunk_loop(per_chunk, (s, ids, lp, tail), valid, rows, ws, grad)
-    return loss_sum, grad, int(valid.sum()), stats
+    return rows_forward(name, (s, ids, lp, tail), labels, opts, need_grad, divergence)
 
 
 # the teacher travels as one tuple argument (no gradient), in the dense Function's teacher slot

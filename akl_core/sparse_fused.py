@@ -14,29 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# The dense modules' public names, all imported here (akl_core/divergences.py may become a package).
-from akl_core.divergences import (
-    DivergenceOptions,
-    DivergenceOutput,
-    Workspace,
-    check_name,
-    chunk_rows,
-    chunk_selectors,
-    finish,
-)
-from akl_core.fused import fused_grad_in_forward, softcap_, softcap_grad_
+# What the dense paths share: the options and result, and the fused lm_head loop.
+from akl_core.divergences import DivergenceOptions, DivergenceOutput, check_name, finish
+from akl_core.fused import fused_grad_in_forward, fused_loop
 from akl_core.sparse import Teacher, check_teacher_rows, flatten_teacher, sparse_chunk
-
-# Tokens per lm_head matmul when chunk_size is None: about this many logits, as in the dense
-# fused path (each chunk rewrites the whole (V, H) weight gradient, so small chunks are slow).
-_MATMUL_CHUNK_ELEMENTS = 1 << 22
-
-
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """hidden @ weight.T (+ bias) into a reused (R, V) buffer."""
-    if bias is None:
-        return torch.mm(hidden, weight.t(), out=out)
-    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 def _fused_forward(sh, sw, sb, teacher: Teacher, _tw, _tb, labels, name, opts, need, caps):
@@ -44,54 +25,18 @@ def _fused_forward(sh, sw, sb, teacher: Teacher, _tw, _tb, labels, name, opts, n
 
     The signature of the dense fused forward (``fused_grad_in_forward``): the stored teacher
     (ids, log-probs, tail) rides in the teacher-hidden slot, the teacher weight and bias are None,
-    and caps[0] is the student's final logit soft-capping.
+    and caps[0] is the student's final logit soft-capping. The loop is the dense one
+    (``fused_loop``); only the per-chunk divergence differs.
     """
     ids, lp, tail = teacher
-    need_h, need_w, need_b = need
-    need_grad = any(need)
-    valid = labels != opts.ignore_index
-    grad_h = torch.zeros_like(sh) if need_h else None
-    grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if need_w else None
-    grad_b = torch.zeros(sb.shape, dtype=torch.float32, device=sb.device) if need_b else None
-    w32 = sw.float() if need_h else None
-    loss_sum = sh.new_zeros((), dtype=torch.float32)
-    stats: dict[str, Tensor] = {}
-    v = sw.shape[0]
-    sub_rows = chunk_rows(opts, v, sh.device, name)  # the divergence's cache-sized chunk
-    rows = sub_rows if opts.chunk_size else max(sub_rows, _MATMUL_CHUNK_ELEMENTS // max(v, 1))
-    rows = min(rows, max(sh.shape[0], 1))
-    big = Workspace(rows, v, sh.device)  # logits and their gradient for one matmul chunk
-    ws = Workspace(min(sub_rows, rows), v, sh.device)
-    for sel in chunk_selectors(valid, rows):
-        h_c = sh[sel]
-        r = h_c.shape[0]
-        s_c = softcap_(_logits(h_c, sw, sb, big.get("s_logits", r, sh.dtype)), caps[0])
+
+    def chunk(sel, _r, _big):
         ids_c, lp_c, tail_c = ids[sel], lp[sel], tail[sel]
-        g = big.get("grad", r) if need_grad else None  # (R, V) fp32
-        for a in range(0, r, sub_rows):
-            b = min(a + sub_rows, r)
-            out = None if g is None else g[a:b]
-            loss, _, st = sparse_chunk(
-                name, s_c[a:b], ids_c[a:b], lp_c[a:b], tail_c[a:b], opts, need_grad, ws, out
-            )
-            loss_sum += loss.sum()
-            for k, val in st.items():
-                stats[k] = stats[k] + val if k in stats else val
-        if g is None:  # no gradient wanted (need_grad is False)
-            continue
-        softcap_grad_(g, s_c, caps[0])
-        if grad_h is not None:  # need_h
-            assert w32 is not None  # made with grad_h
-            gh = g @ w32  # (R, H)
-            if isinstance(sel, slice):
-                grad_h[sel] = gh
-            else:
-                grad_h.index_copy_(0, sel, gh.to(grad_h.dtype))
-        if grad_w is not None:  # need_w
-            grad_w.addmm_(g.t(), h_c.float())  # (V, H)
-        if grad_b is not None:  # need_b
-            grad_b += g.sum(0)
-    return loss_sum, int(valid.sum()), stats, (grad_h, grad_w, grad_b)
+        return lambda a, b, s, need_grad, ws, out: sparse_chunk(
+            name, s, ids_c[a:b], lp_c[a:b], tail_c[a:b], opts, need_grad, ws, out
+        )
+
+    return fused_loop(sh, sw, sb, labels, name, opts, need, caps[0], chunk)
 
 
 _FusedSparse = fused_grad_in_forward(_fused_forward)

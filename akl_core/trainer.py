@@ -30,6 +30,7 @@ import torch
 from akl_core import checkpoint as ckpt
 from akl_core import data, evaluation, loading
 from akl_core.batches import DataOrder, next_step_batches
+from akl_core.contract import EVAL_METRICS
 from akl_core.ddp import DistInfo, init_distributed, wrap
 from akl_core.events import DistillError, Event, EventSink, classify_error, json_safe, step_event
 from akl_core.loading import RunInputs
@@ -37,19 +38,7 @@ from akl_core.optim import make_optimizer
 from akl_core.spec import JobSpec, total_steps
 from akl_core.steps import ResponseLogits, StepContext, StepSums, train_step
 
-EVAL_KEYS = (
-    "rouge_l",
-    "rouge_l_std",
-    "rouge_l_greedy",
-    "distinct_1",
-    "distinct_2",
-    "val_ce",
-    "val_kl",
-    "teacher_rouge_l",
-    "teacher_rouge_l_std",
-    "teacher_rouge_l_greedy",
-    "num_examples",
-)
+EVAL_KEYS = (*EVAL_METRICS, "num_examples")
 
 
 def distill(

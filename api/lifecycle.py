@@ -167,11 +167,10 @@ class Lifecycle(Generic[Row]):
         not news. Also reads ``cancel_requested``."""
         now = now or utcnow()
         m: Any = self.model
-        held = self._update(
+        held = self._update_held(
             session,
-            m.id == row_id,
-            m.lease_owner == owner,
-            m.status == RUNNING,
+            row_id,
+            owner,
             lease_expires_at=now + timedelta(seconds=lease_s),
             heartbeat_at=now,
             **values,
@@ -194,11 +193,10 @@ class Lifecycle(Generic[Row]):
         crashed run does (``count_attempt``)."""
         now = now or utcnow()
         m: Any = self.model
-        released = self._update(
+        released = self._update_held(
             session,
-            m.id == row_id,
-            m.lease_owner == owner,
-            m.status == RUNNING,
+            row_id,
+            owner,
             status=QUEUED,
             lease_owner=None,
             lease_expires_at=None,
@@ -227,12 +225,10 @@ class Lifecycle(Generic[Row]):
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish: {status!r} is not a terminal status {TERMINAL_STATUSES}")
         now = now or utcnow()
-        m: Any = self.model
-        finished = self._update(
+        finished = self._update_held(
             session,
-            m.id == row_id,
-            m.lease_owner == owner,
-            m.status == RUNNING,
+            row_id,
+            owner,
             status=status,
             finished_at=now,
             lease_owner=None,
@@ -296,6 +292,11 @@ class Lifecycle(Generic[Row]):
         """One conditional UPDATE of one row; True if it applied."""
         stmt = update(self.model).where(*where).values(**values).execution_options(synchronize_session=False)
         return cast(CursorResult[Any], session.execute(stmt)).rowcount == 1
+
+    def _update_held(self, session: Session, row_id: str, owner: str, **values: Any) -> bool:
+        """``_update`` of a running row whose lease ``owner`` holds; False when it does not."""
+        m: Any = self.model
+        return self._update(session, m.id == row_id, m.lease_owner == owner, m.status == RUNNING, **values)
 
     def _terminal(self, session: Session, row_id: str, status: str) -> None:
         if not self._terminal_hooks:

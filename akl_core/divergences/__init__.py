@@ -35,6 +35,7 @@ from akl_core.divergences.chunked import (
     finish,
     flatten,
     grad_in_forward,
+    rows_forward,
     scaled_once,
 )
 from akl_core.divergences.head import head_gap, head_gap_by_sort
@@ -58,6 +59,7 @@ __all__ = [
     "grad_in_forward",
     "head_gap",
     "head_gap_by_sort",
+    "rows_forward",
     "scaled_once",
 ]
 

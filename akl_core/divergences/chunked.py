@@ -175,10 +175,21 @@ def flatten(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> t
     return student_logits.reshape(-1, v), teacher_logits.reshape(-1, v), labels.reshape(-1)
 
 
-def dense_forward(
-    name: str, s: Tensor, t: Tensor, labels: Tensor, opts: DivergenceOptions, need_grad: bool
+def rows_forward(
+    name: str,
+    inputs: tuple[Tensor, ...],
+    labels: Tensor,
+    opts: DivergenceOptions,
+    need_grad: bool,
+    divergence: Callable,
 ) -> tuple[Tensor, Tensor | None, int, dict[str, Tensor]]:
-    """(loss sum, grad wrt s or None, num_tokens, stats sums) of ``name`` on (N, V) logits."""
+    """(loss sum, grad wrt inputs[0] or None, num_tokens, stats sums) over the valid tokens.
+
+    inputs: the (N, V) student logits first, then the teacher's per-token tensors (dense logits or
+    the stored top-k). ``divergence(chunk, ws, out) -> (loss, grad, stats)`` is one chunk's
+    divergence; the dense and the sparse chunked paths share this setup and ``chunk_loop``.
+    """
+    s = inputs[0]
     valid = labels != opts.ignore_index
     grad = None
     if need_grad:
@@ -187,10 +198,21 @@ def dense_forward(
     ws = Workspace(min(rows, s.shape[0]), s.shape[-1], s.device)
 
     def per_chunk(chunk: tuple[Tensor, ...], out: Tensor | None):
+        return divergence(chunk, ws, out)
+
+    loss_sum, stats = chunk_loop(per_chunk, inputs, valid, rows, ws, grad)
+    return loss_sum, grad, int(valid.sum()), stats
+
+
+def dense_forward(
+    name: str, s: Tensor, t: Tensor, labels: Tensor, opts: DivergenceOptions, need_grad: bool
+) -> tuple[Tensor, Tensor | None, int, dict[str, Tensor]]:
+    """(loss sum, grad wrt s or None, num_tokens, stats sums) of ``name`` on (N, V) logits."""
+
+    def divergence(chunk: tuple[Tensor, ...], ws: Workspace, out: Tensor | None):
         return divergence_chunk(name, chunk[0], chunk[1], opts, need_grad, ws, out)
 
-    loss_sum, stats = chunk_loop(per_chunk, (s, t), valid, rows, ws, grad)
-    return loss_sum, grad, int(valid.sum()), stats
+    return rows_forward(name, (s, t), labels, opts, need_grad, divergence)
 
 
 def grad_in_forward(forward: Callable) -> type[torch.autograd.Function]:

@@ -318,10 +318,13 @@ def test_memory_is_bounded_by_the_chunk(monkeypatch):
             sizes.append(rows)
             super().__init__(rows, vocab, device)
 
-    from akl_core import sparse_fused
+    from akl_core import fused
+    from akl_core.divergences import chunked
 
+    # the shared loops that allocate them: rows_forward (chunked) and fused_loop (fused)
     monkeypatch.setattr(sparse, "Workspace", Recording)
-    monkeypatch.setattr(sparse_fused, "Workspace", Recording)
+    monkeypatch.setattr(chunked, "Workspace", Recording)
+    monkeypatch.setattr(fused, "Workspace", Recording)
     s, t, labels, k, _, _ = make_case("odd")
     cache = make_cache(t, k)
     x = s.clone().requires_grad_()
@@ -582,10 +585,10 @@ def test_fused_equals_chunked(name):
 
 
 def test_fused_matmul_chunks_with_sub_chunks(monkeypatch):
-    from akl_core import sparse_fused
+    from akl_core import fused  # the shared fused loop's matmul chunk
 
     monkeypatch.setitem(divergences.chunked._AUTO_CHUNK_ELEMENTS_HEAD, "cpu", 3 * V)
-    monkeypatch.setattr(sparse_fused, "_MATMUL_CHUNK_ELEMENTS", 8 * V)
+    monkeypatch.setattr(fused, "_MATMUL_CHUNK_ELEMENTS", 8 * V)
     args = _setup(seed=4)
     _agree(*_fused("akl", *args), *_chunked("akl", *args, chunk_size=10_000))
 
