@@ -3,7 +3,7 @@
 One entry point, ``compute_sparse(name, student_logits, topk_ids, topk_logprobs, tail_logmass,
 labels, **options)``, the twin of ``akl_core.divergences.compute`` for a teacher stored as its
 top-k token ids K, their log-probabilities log p_i at T = 1, and the log of the leftover mass
-log P_r = log(1 - sum_K p_i). Definitions: ``shared/AKL.md``, "On a stored top-k teacher".
+log P_r = log(1 - sum_K p_i). Definitions: ``docs/method.md``, "On a stored top-k teacher".
 
 What it computes: the divergence ``name`` between teacher and student coarse-grained to k + 1
 outcomes, the k tokens of K and one bucket r holding the rest of each distribution:

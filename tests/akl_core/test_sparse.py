@@ -1,7 +1,7 @@
 """akl_core.sparse and akl_core.sparse_fused: divergences from a stored top-k teacher.
 
 Three kinds of check: a float64 reference written straight from the coarse-grained formulas
-(shared/AKL.md, "On a stored top-k teacher"; the student's bucket summed from its dense softmax,
+(docs/method.md, "On a stored top-k teacher"; the student's bucket summed from its dense softmax,
 gradients by autograd), the dense divergences (k = V, data-processing inequality), and the
 contract of the dense ``compute`` (masking, chunking, options, errors).
 """
