@@ -133,6 +133,28 @@ def watch(http: httpx.Client, job_id: str, interval: float = 2.0) -> dict[str, A
             time.sleep(interval)
 
 
+# -- teacher caches ------------------------------------------------------------------------------
+def build_cache(http: httpx.Client, spec: dict[str, Any], interval: float = 2.0) -> dict[str, Any]:
+    """``POST /v1/teacher_caches`` with ``spec``, then a progress bar until the build ends; the
+    final cache object (raises ClientError unless it succeeded). The bar goes to stderr, so a
+    script can capture what it prints."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cache = check(http.post("/v1/teacher_caches", json=spec))
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(cache["id"], total=1.0)
+        while cache["status"] not in TERMINAL:
+            time.sleep(interval)
+            cache = check(http.get(f"/v1/teacher_caches/{cache['id']}"))
+            progress.update(task, description=f"{cache['id']} {cache['status']}", completed=cache["progress"])
+    if cache["status"] != "succeeded":
+        raise ClientError(f"cache {cache['id']} {cache['status']}: {cache.get('error')}")
+    return cache
+
+
 # -- download ------------------------------------------------------------------------------------
 def _safe_member(member: tarfile.TarInfo) -> None:
     name = PurePosixPath(member.name)

@@ -122,7 +122,7 @@ class CacheSpec(_Strict):
     def fingerprint(self) -> str:
         """What fixes the cache's content (not the batch size, shard size or device)."""
         blob = self.model_dump_json(
-            exclude={"build": {"batch_size", "device"}, "evaluation": {"every_steps"}}
+            exclude={"build": {"batch_size", "device"}, "evaluation": {"every_steps", "at_start"}}
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

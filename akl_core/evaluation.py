@@ -210,7 +210,7 @@ def validation_losses(
 
 def _teacher_key(spec: EvaluationSpec, prompts: Sequence[Sequence[int]]) -> str:
     blob = json.dumps(
-        [spec.model_dump(exclude={"every_steps", "teacher_reference"}), list(map(list, prompts))]
+        [spec.model_dump(exclude={"every_steps", "at_start", "teacher_reference"}), list(map(list, prompts))]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

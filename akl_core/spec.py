@@ -127,6 +127,7 @@ class TrainingSpec(_Strict):
 
 class EvaluationSpec(_Strict):
     every_steps: int = Field(0, ge=0, le=10_000_000, description="0: only at the end")
+    at_start: bool = Field(False, description="also evaluate the untrained student (an eval at step 0)")
     num_examples: int = Field(32, ge=0, le=100_000, description="0 disables Rouge-L evaluation")
     # 2**64 passed here and failed the job with internal_error after training, in
     # torch.manual_seed (issue 10); 32 bits is what every common generator takes (numpy's too).

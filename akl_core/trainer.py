@@ -123,7 +123,11 @@ def _run(run: _Run) -> dict[str, Any]:
     order = DataOrder(len(inputs.train), t.seed)
     _announce(run, inputs, total, state, latest)
 
-    # 3. the step loop
+    # 3. the step loop (after the untrained student's evaluation when evaluation.at_start asks)
+    if spec.evaluation.at_start and state.step == 0:
+        if info.is_main and inputs.validation:
+            sink.emit("eval", **_eval_event(_evaluate(run, inputs, 0)))
+        info.barrier()
     while state.step < total:
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]

@@ -1,6 +1,7 @@
 """Print the distilled student's generations beside the teacher's on a few demo test prompts.
 
     python scripts/compare_generations.py --student DIR --teacher DIR [--n 3] [--max-new-tokens 40]
+        [--max-prompt-length 128]
 
 Greedy decoding, so the comparison is repeatable; Rouge-L against the true continuation is shown.
 """
@@ -21,12 +22,13 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--n", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-prompt-length", type=int, default=128, help="the job's, in tokens")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.teacher)
     examples = read_examples("demo:test", limit=args.n)
     pairs = [prompt_and_references(ex, tokenizer) for ex in examples]
-    prompts = [encode_prompt(ex, tokenizer, 128) for ex in examples]
+    prompts = [encode_prompt(ex, tokenizer, args.max_prompt_length) for ex in examples]
     outputs = {}
     for name, path in (("teacher", args.teacher), ("student", args.student)):
         model = load_teacher(path)

@@ -100,3 +100,35 @@ def test_status_shows_the_eta_of_a_running_job():
     job = {"id": "job-1", "status": "running", "current_step": 3, "total_steps": 10, "eta_seconds": 3725}
     assert _describe(job).splitlines()[0] == "job-1  running  step 3/10  eta 1h02m"
     assert "eta" not in _describe({**job, "status": "succeeded", "eta_seconds": None})
+
+
+def _cache_service(statuses: list[str]):
+    """A fake /v1/teacher_caches: the POST answers queued, each GET the next status."""
+    import httpx
+
+    seen: list[tuple[str, str]] = []
+    left = list(statuses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        status = "queued" if request.method == "POST" else left.pop(0)
+        body = {"id": "cache-1", "status": status, "progress": 1.0 if status == "succeeded" else 0.5}
+        if status == "failed":
+            body["error"] = {"code": "teacher_error", "message": "boom"}
+        return httpx.Response(201 if request.method == "POST" else 200, json=body)
+
+    return httpx.Client(base_url="http://t", transport=httpx.MockTransport(handler)), seen
+
+
+def test_build_cache_polls_until_the_build_ends_and_keeps_stdout_clean(capsys):
+    from akl_cli.client import build_cache
+
+    http, seen = _cache_service(["running", "succeeded"])
+    cache = build_cache(http, {"teacher": "preset:tiny"}, interval=0)
+    assert cache["status"] == "succeeded"
+    assert seen == [("POST", "/v1/teacher_caches")] + [("GET", "/v1/teacher_caches/cache-1")] * 2
+    assert capsys.readouterr().out == ""  # the progress bar is on stderr: scripts capture the id
+
+    http, _ = _cache_service(["failed"])
+    with pytest.raises(ClientError, match="teacher_error"):
+        build_cache(http, {"teacher": "preset:tiny"}, interval=0)

@@ -119,6 +119,31 @@ def test_cli_distill_runs_the_tiny_example(models_root, tmp_path, monkeypatch):
     assert [p.name for p in sorted((tmp_path / "out/checkpoints").iterdir())] == ["step-00000004"]
 
 
+def test_demo_example_is_one_epoch_that_a_cache_can_serve():
+    """scripts/demo.sh uploads data.max_train_examples / max_validation_examples of examples/demo.yaml,
+    builds a cache on them and trains with teacher: cache:<id>; the spec must read exactly one epoch
+    of those examples and score the untrained student (evaluation.at_start)."""
+    import yaml
+
+    from akl_core.cache_spec import CacheSpec
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "demo.yaml").read_text())
+    spec = load_spec(raw)
+    t, d = spec.training, spec.data
+    assert d.max_train_examples == t.max_steps * t.batch_size * t.grad_accum
+    assert d.max_validation_examples and spec.evaluation.at_start
+    CacheSpec.model_validate(  # the cache the demo builds for it is a valid spec
+        {
+            "teacher": raw["teacher"],
+            "data": {"train": "file-x", "validation": "file-y", "max_length": t.max_length,
+                     "max_prompt_length": t.max_prompt_length},
+            "top_k": 64,
+            "evaluation": raw["evaluation"],
+        }
+    )  # fmt: skip
+    load_spec({**raw, "teacher": "cache:cache-0123"})
+
+
 def test_cuda_without_a_gpu_is_an_error_event_no_gpu(models_root, tmp_path):
     """Fails before the run's event sink exists; the error still reaches stdout and events.jsonl."""
     spec = tmp_path / "spec.json"

@@ -228,6 +228,30 @@ def test_layout_events_and_rotation(models_root, tmp_path):
     assert (out / "teacher_eval.json").is_file()
 
 
+def test_eval_at_start_scores_the_untrained_student(models_root, tmp_path, tiny_teacher, tiny_tokenizer):
+    """evaluation.at_start: an eval at step 0, before the first step, of the untrained student."""
+    split = {"train": "demo:train", "validation": "demo:validation", "max_train_examples": 24}
+    evaluation = {"num_examples": 2, "seeds": [1], "max_new_tokens": 4, "at_start": True}
+    spec = tiny_spec(
+        training={"max_steps": 3}, data={**split, "max_validation_examples": 3}, evaluation=evaluation
+    )
+    _, events = run(spec, tmp_path / "run", models_root)
+    types = [e["type"] for e in events]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 3]
+    assert types.index("eval") < types.index("step")
+    # the step-0 eval is the truncated student before any update, computed here directly
+    from akl_core import evaluation as akl_eval
+    from akl_core.students import build_student
+
+    student = build_student(spec.student, models_root / "tiny").eval()
+    val = data.read_examples("demo:validation", limit=3)
+    tokenized = [data.tokenize_example(ex, tiny_tokenizer, 64, 32) for ex in val]
+    with torch.no_grad():
+        ref = akl_eval.validation_losses(student, tiny_teacher, tokenized, tiny_tokenizer.pad_token_id)
+    assert evals[0]["val_kl"] == pytest.approx(ref["val_kl"], rel=1e-4)
+
+
 def test_gradient_checkpointing_changes_nothing(models_root, tmp_path):
     spec = tiny_spec(training={"max_steps": 2})
     _, plain = run(spec, tmp_path / "a", models_root)
