@@ -528,7 +528,8 @@ def aggregate(args, out_root: Path, quiet: bool = False) -> dict:
     if not summary["methods"]:  # never replace a stored study with an empty one
         raise SystemExit(f"no finished runs under {out_root}; {target} is left as it was")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(summary, indent=1))
+    # compact for cache studies: the file stays under 50 KB with per-step histories
+    target.write_text(json.dumps(summary, indent=None if args.teacher_cache else 1))
     if not quiet:
         print(table(summary))
         if summary.get("cache_minus_online"):
