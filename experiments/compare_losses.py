@@ -13,6 +13,9 @@ test responses. The teacher is scored once with the same prompts and sampling se
   python experiments/compare_losses.py --budget gpu         # a larger budget on one GPU
   python experiments/compare_losses.py --aggregate-only     # rebuild the table from finished runs
   python experiments/compare_losses.py --task jargon        # the same study on the Jargon task
+  python experiments/compare_losses.py --task jargon --teacher-cache 64 --methods akl fkl_rkl fkl
+                                  # from top-64 teacher caches (one per seed, see seed_train_file);
+                                  # out/compare-jargon-cache-k64/, compare_losses_jargon_cache_k64.json
 
 Runs go to out/compare/<method>-s<seed>/ (out/compare-jargon/ for --task jargon; ignored by git); a finished run (result.json) is skipped
 on re-invocation, so an interrupted study resumes. The summary goes to
