@@ -1,4 +1,4 @@
-"""Keyset pagination, newest first, shared by the files and jobs lists.
+"""Keyset pagination, newest first, shared by the files, jobs and teacher-cache lists.
 
 A page is ordered by ``(created_at, id)`` descending; the cursor is the last row of the previous
 page, so pages stay stable while rows are added (an offset would skip or repeat rows).

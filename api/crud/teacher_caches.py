@@ -13,6 +13,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from api.core.pagination import newest_first
 from api.db.models import QUEUED, RUNNING, Job, TeacherCache, TeacherCacheEvent, new_id, utcnow
 from api.lifecycle import CACHES
 
@@ -77,13 +78,7 @@ def list_caches(
     query = select(model).where(model.tenant_id == tenant_id, model.deleted_at.is_(None))
     if status is not None:
         query = query.where(model.status == status)
-    if after is not None:
-        query = query.where(
-            (model.created_at < after.created_at)
-            | ((model.created_at == after.created_at) & (model.id < after.id))
-        )
-    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, model, after=after, limit=limit)
 
 
 def list_events(
