@@ -11,38 +11,31 @@ printed; the next run (``--resume``, the default) starts at the first missing sh
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from akl_core.events import DistillError, Event, classify_error, make_event
-from akl_core.runner import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, _lock, _printer, watch_parent
+from akl_core.events import Event
+from akl_core.runner import (
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    _lock,
+    read_spec_file,
+    run_process,
+    watch_parent,
+)
 
 log = logging.getLogger("akl_core.cache_runner")
 
 
 def load_cache_spec_file(path: Path):
     """CacheSpec from a JSON (or YAML) file; raises DistillError('invalid_spec') with the reason."""
-    import pydantic
-
     from akl_core.cache_spec import load_cache_spec
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        if Path(path).suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("the cache spec must be a JSON/YAML object")
-        return load_cache_spec(raw)
-    except (OSError, ValueError, pydantic.ValidationError) as exc:
-        raise DistillError("invalid_spec", f"invalid cache spec {path}: {exc}") from exc
+    return read_spec_file(path, load_cache_spec, "cache spec")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -62,41 +55,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    events_out = sys.stdout
-    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the JSON-lines stream
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    printer = _printer(events_out, on_closed=stop.set)
-    errors: list[Event] = []
+    return run_process(
+        lambda emit, record, events_out, stop: _build(args, emit, stop),
+        print_events=True,
+        events_file=None,  # build_cache's own sink writes OUT_DIR/events.jsonl
+        logger=log,
+        failure="cache build failed",
+    )
 
-    def emit(event: Event) -> None:
-        if event.get("type") == "error":
-            errors.append(event)
-        printer(event)
 
-    try:
-        spec = load_cache_spec_file(args.spec)
-        lock = _lock(args.output_dir, emit)  # noqa: F841 - held (open) until this process exits
-        if lock is None:
-            return EXIT_FAILED
-        watch_parent(stop.set)
-        from transformers.utils import logging as hf_logging
-
-        from akl_core.cache_builder import build_cache
-
-        hf_logging.disable_progress_bar()
-        result = build_cache(
-            spec, args.output_dir, on_event=emit, should_stop=stop.is_set, resume=args.resume
-        )
-        return EXIT_STOPPED if result["status"] == "stopped" else EXIT_COMPLETED
-    except Exception as exc:  # noqa: BLE001 - the contract: every failure is an error event
-        if not errors:
-            code, message = classify_error(exc)
-            emit(make_event("error", code=code, message=message))
-        if not isinstance(exc, DistillError):
-            log.exception("cache build failed")
+def _build(args: argparse.Namespace, emit: Callable[[Event], None], stop: threading.Event) -> int:
+    """Load the spec and build the cache; any exception means failure (``run_process`` prints it)."""
+    spec = load_cache_spec_file(args.spec)
+    lock = _lock(args.output_dir, emit)  # noqa: F841 - held (open) until this process exits
+    if lock is None:
         return EXIT_FAILED
+    watch_parent(stop.set)
+    from transformers.utils import logging as hf_logging
+
+    from akl_core.cache_builder import build_cache
+
+    hf_logging.disable_progress_bar()
+    result = build_cache(spec, args.output_dir, on_event=emit, should_stop=stop.is_set, resume=args.resume)
+    return EXIT_STOPPED if result["status"] == "stopped" else EXIT_COMPLETED
 
 
 if __name__ == "__main__":

@@ -143,9 +143,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def load_spec_file(path: Path):
     """JobSpec from a JSON (or YAML) file; raises DistillError('invalid_spec') with the reason."""
-    import pydantic
-
     from akl_core.spec import load_spec
+
+    return read_spec_file(path, load_spec, "spec")
+
+
+def read_spec_file(path: Path, load: Callable[[dict[str, Any]], Any], noun: str):
+    """``load(mapping)`` of a JSON (or YAML) file; raises DistillError('invalid_spec') with the
+    reason (shared with ``cache_runner.load_cache_spec_file``)."""
+    import pydantic
 
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -156,23 +162,45 @@ def load_spec_file(path: Path):
         else:
             raw = json.loads(text)
         if not isinstance(raw, dict):
-            raise ValueError("the spec must be a JSON/YAML object")
-        return load_spec(raw)
+            raise ValueError(f"the {noun} must be a JSON/YAML object")
+        return load(raw)
     except (OSError, ValueError, pydantic.ValidationError) as exc:  # JSONDecodeError is a ValueError
-        raise DistillError("invalid_spec", f"invalid spec {path}: {exc}") from exc
+        raise DistillError("invalid_spec", f"invalid {noun} {path}: {exc}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    is_child = os.environ.get(CHILD_ENV) == "1"
+    rank = int(os.environ.get("RANK", "0"))
+    return run_process(
+        lambda emit, record, events_out, stop: _run(args, emit, record, events_out, is_child, stop),
+        print_events=rank == 0,
+        events_file=args.output_dir / EVENTS_FILE if rank == 0 else None,
+        logger=log,
+        failure="run failed",
+    )
+
+
+def run_process(
+    body: Callable[[Callable[[Event], None], Callable[[Event], None], TextIO, threading.Event], int],
+    *,
+    print_events: bool,
+    events_file: Path | None,
+    logger: logging.Logger,
+    failure: str,
+) -> int:
+    """The process wrapper of this runner and ``cache_runner``: events as JSON lines on the real
+    stdout (library prints and logs go to stderr), SIGTERM and a closed stdout set the stop flag,
+    and any exception is a failure whose `error` event is written unless one already was.
+    ``body(emit, record, events_out, stop)`` returns the exit code; ``record`` also appends the
+    event to ``events_file`` (events the body's own sink is not there to write to disk)."""
     events_out = sys.stdout
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the JSON-lines stream
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    is_child = os.environ.get(CHILD_ENV) == "1"
-    rank = int(os.environ.get("RANK", "0"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     # A closed stdout means the worker died: stop as on SIGTERM (checkpoint, then exit).
-    printer = _printer(events_out, on_closed=stop.set) if rank == 0 else (lambda event: None)
+    printer = _printer(events_out, on_closed=stop.set) if print_events else (lambda event: None)
     errors: list[Event] = []
 
     def emit(event: Event) -> None:
@@ -181,13 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         printer(event)
 
     def record(event: Event) -> None:
-        """An event of the runner's own: the trainer's sink is not there to write it to disk."""
         emit(event)
-        if rank == 0:
-            append_event(args.output_dir / EVENTS_FILE, event)
+        if events_file is not None:
+            append_event(events_file, event)
 
     try:
-        return _run(args, emit, record, events_out, is_child, stop)
+        return body(emit, record, events_out, stop)
     except Exception as exc:  # noqa: BLE001 - the contract: every failure is an error event
         # A DistillError normally arrives with its event already printed; one raised before the
         # run's event sink existed (a worker without CUDA, say) has not been (RELIABILITY.md).
@@ -195,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             code, message = classify_error(exc)
             record(make_event("error", code=code, message=message))
         if not isinstance(exc, DistillError):
-            log.exception("run failed")
+            logger.exception(failure)
         return EXIT_FAILED
 
 
