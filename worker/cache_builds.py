@@ -18,10 +18,10 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from akl_core.contract import EXIT_FAILED, EXIT_STOPPED, Event, finite, parse_line
+from akl_core.contract import Event, finite, parse_line
 from api.db.models import CANCELLED, FAILED, SUCCEEDED
 from api.lifecycle import CACHES
-from worker.jobs import WorkerContext, runner_argv, runner_env
+from worker.jobs import WorkerContext, back_to_queue, runner_argv, runner_env, runner_failure
 from worker.leases import SessionFactory, new_owner, transact
 from worker.redact import redact_value
 from worker.supervisor import RunResult, Supervisor
@@ -211,9 +211,9 @@ def _settle(
         return _end(
             ctx, cache_id, owner, CANCELLED, "cancelled; the shards written so far are kept until deleted"
         )
-    if stop == "shutdown" or result.returncode == EXIT_STOPPED or result.returncode < 0:
-        crashed = stop != "shutdown" and result.returncode != EXIT_STOPPED
-        why = "the worker is shutting down" if not crashed else f"the runner was killed ({result.returncode})"
+    requeue = back_to_queue(stop, result)
+    if requeue is not None:
+        crashed, why = requeue
         message = f"back to the queue: {why}"
         if transact(
             ctx.session_factory, CACHES.release, cache_id, owner, message=message, count_attempt=crashed
@@ -223,14 +223,7 @@ def _settle(
             except Exception:
                 log.exception("cache %s: could not re-enqueue", cache_id)
         return "released"
-    error = result.last_events.get("error")
-    if result.returncode == EXIT_FAILED and error is not None:
-        code, message = str(error.get("code") or "internal_error"), str(error.get("message") or "")
-    else:
-        code = "internal_error"
-        message = f"the cache runner exited with code {result.returncode}" + (
-            f"; last output:\n{result.stderr_tail[-2000:]}" if result.stderr_tail else ""
-        )
+    code, message = runner_failure(result, "cache runner")
     return _end(ctx, cache_id, owner, FAILED, message, error_code=code)
 
 

@@ -150,11 +150,11 @@ def _settle(job: ClaimedJob, owner: str, result: RunResult, stop: str | None, ct
         return _end(ctx, job.id, owner, SUCCEEDED, "succeeded", progress=1.0)
     if stop == "cancelled":
         return _end(ctx, job.id, owner, CANCELLED, f"cancelled at step {_step(result)}")
-    if stop == "shutdown" or result.returncode == EXIT_STOPPED or result.returncode < 0:
+    requeue = back_to_queue(stop, result)
+    if requeue is not None:
         # Stopped from outside (worker shutdown, or a signal such as the OOM killer): requeue; the
         # runner resumes from its newest checkpoint. Only a crash counts as an attempt.
-        crashed = stop != "shutdown" and result.returncode != EXIT_STOPPED
-        why = "the worker is shutting down" if not crashed else f"the runner was killed ({result.returncode})"
+        crashed, why = requeue
         message = f"back to the queue at step {_step(result)}: {why}"
         if transact(ctx.session_factory, JOBS.release, job.id, owner, message=message, count_attempt=crashed):
             try:
@@ -162,15 +162,30 @@ def _settle(job: ClaimedJob, owner: str, result: RunResult, stop: str | None, ct
             except Exception:  # the reconciler re-enqueues it later
                 log.exception("job %s: could not re-enqueue", job.id)
         return "released"
+    code, message = runner_failure(result, "runner")
+    return _end(ctx, job.id, owner, FAILED, message, error_code=code)
+
+
+def back_to_queue(stop: str | None, result: RunResult) -> tuple[bool, str] | None:
+    """``(crashed, why)`` when the run was stopped from outside (worker shutdown, a signal) and goes
+    back to the queue, else None; only a crash counts as an attempt (shared with cache builds)."""
+    if not (stop == "shutdown" or result.returncode == EXIT_STOPPED or result.returncode < 0):
+        return None
+    crashed = stop != "shutdown" and result.returncode != EXIT_STOPPED
+    why = "the worker is shutting down" if not crashed else f"the runner was killed ({result.returncode})"
+    return crashed, why
+
+
+def runner_failure(result: RunResult, runner: str) -> tuple[str, str]:
+    """``(error_code, message)`` of a failed run: the runner's `error` event, else its exit code
+    and the tail of its stderr (shared with cache builds)."""
     error = result.last_events.get("error")
     if result.returncode == EXIT_FAILED and error is not None:
-        code, message = str(error.get("code") or "internal_error"), str(error.get("message") or "")
-    else:
-        code = "internal_error"
-        message = f"the runner exited with code {result.returncode}" + (
-            f"; last output:\n{result.stderr_tail[-2000:]}" if result.stderr_tail else ""
-        )
-    return _end(ctx, job.id, owner, FAILED, message, error_code=code)
+        return str(error.get("code") or "internal_error"), str(error.get("message") or "")
+    message = f"the {runner} exited with code {result.returncode}" + (
+        f"; last output:\n{result.stderr_tail[-2000:]}" if result.stderr_tail else ""
+    )
+    return "internal_error", message
 
 
 def _step(result: RunResult) -> int:
