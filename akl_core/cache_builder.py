@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from akl_core.cache_data import response_tokens, shard_plan, tokenized_splits
 from akl_core.cache_spec import (
     CACHE_FORMAT,
     LOGPROB_DTYPE,
@@ -46,7 +47,6 @@ from akl_core.cache_spec import (
     CacheManifest,
     CacheSpec,
     ShardInfo,
-    SplitInfo,
     file_sha256,
 )
 from akl_core.contract import validate_cache_event
@@ -122,8 +122,8 @@ def _build(spec, out_dir, sink, should_stop, models_root, allow_hub) -> dict[str
             "invalid_spec", f"top_k={spec.top_k} exceeds the teacher's vocabulary of {t.vocab} tokens"
         )
     _save_teacher_dir(t, out_dir / TEACHER_DIR)
-    splits, infos = _tokenized_splits(spec, t.tokenizer)
-    plan = _plan(spec, splits)
+    splits, infos = tokenized_splits(spec, t.tokenizer)
+    plan = shard_plan(spec, splits)
     kept = [p for p in plan if _shard_done(out_dir, p, fingerprint)]
     total_tokens = sum(p["tokens"] for p in plan)
     sink.emit(
@@ -267,74 +267,6 @@ def _save_teacher_dir(t: _Teacher, target: Path) -> None:
         t.model.generation_config.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-
-
-# -- data ---------------------------------------------------------------------------------------
-
-
-def resolved_format(path: str, format: str) -> str:
-    """The format of a data file: ``format`` itself unless it is auto (then the first row's)."""
-    from akl_core.data import resolve_data_path
-    from akl_core.formats import detect_format
-
-    if format != "auto":
-        return format
-    return detect_format(json.loads(_first_line(resolve_data_path(path))), str(path))
-
-
-def _first_line(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return line
-    return "{}"
-
-
-def _tokenized_splits(spec: CacheSpec, tokenizer) -> tuple[dict[str, list], dict[str, SplitInfo]]:
-    from akl_core import data
-
-    d = spec.data
-    splits: dict[str, list] = {}
-    infos: dict[str, SplitInfo] = {}
-    for split, ref in (("train", d.train), ("validation", d.validation)):
-        if ref is None:
-            continue
-        examples = data.read_examples(ref, d.format)
-        if split == "train":  # as trainer._setup: examples with no learned token are dropped
-            rows = data.tokenize_examples(examples, tokenizer, d.max_length, d.max_prompt_length)
-        else:  # as evaluation.evaluate_model: one row per example
-            rows = [
-                data.tokenize_example(ex, tokenizer, d.max_length, d.max_prompt_length) for ex in examples
-            ]
-        splits[split] = rows
-        infos[split] = SplitInfo(
-            data=ref,
-            sha256=file_sha256(data.resolve_data_path(ref)),
-            format=d.format,
-            resolved_format=resolved_format(ref, d.format),
-            source_examples=len(examples),
-            examples=len(rows),
-            tokens=sum(response_tokens(r) for r in rows),
-        )
-    return splits, infos
-
-
-def response_tokens(row: dict[str, list[int]]) -> int:
-    """Positions the trainer learns in a tokenised example: next-token labels that are not -100."""
-    return sum(label != -100 for label in row["labels"][1:])
-
-
-def _plan(spec: CacheSpec, splits: dict[str, list]) -> list[dict[str, Any]]:
-    size = spec.build.shard_examples
-    plan = []
-    for split, rows in splits.items():
-        for index, first in enumerate(range(0, len(rows), size)):
-            part = rows[first : first + size]
-            tokens = sum(response_tokens(r) for r in part)
-            plan.append(
-                {"split": split, "index": index, "first": first, "examples": len(part), "tokens": tokens}
-            )
-    return plan
 
 
 def _shard_done(out_dir: Path, p: dict[str, Any], fingerprint: str) -> bool:

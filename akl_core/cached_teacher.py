@@ -131,7 +131,7 @@ def load_cache_inputs(
 
 
 def _check_job(spec: JobSpec, cache: TeacherCache) -> None:
-    from akl_core.cache_builder import resolved_format
+    from akl_core.cache_data import resolved_format
 
     path = data.resolve_data_path(spec.data.train)
     try:
@@ -146,7 +146,7 @@ def _check_job(spec: JobSpec, cache: TeacherCache) -> None:
 
 def _check_rows(cache: TeacherCache, split: str, rows: list[Row], field: str) -> None:
     """Each example has as many response tokens as its cached rows (example i is example i)."""
-    from akl_core.cache_builder import response_tokens
+    from akl_core.cache_data import response_tokens
 
     stored = cache.example_tokens(split)
     if len(rows) > len(stored):

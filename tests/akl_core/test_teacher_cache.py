@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from akl_core import batches, data, models, students
-from akl_core.cache_builder import build_cache, response_tokens
+from akl_core.cache_builder import build_cache
+from akl_core.cache_data import response_tokens
 from akl_core.cache_spec import CacheSpec, job_mismatches, read_manifest, resolve_cache_ref
 from akl_core.cached_teacher import truncated_from_files
 from akl_core.events import DistillError, read_events
