@@ -17,7 +17,8 @@ from torch import Tensor
 # What the dense paths share: the options and result, and the fused lm_head loop.
 from akl_core.divergences import DivergenceOptions, DivergenceOutput, check_name, finish
 from akl_core.fused import fused_grad_in_forward, fused_loop
-from akl_core.sparse import Teacher, check_teacher_rows, flatten_teacher, sparse_chunk
+from akl_core.sparse import sparse_chunk
+from akl_core.sparse_inputs import Teacher, check_teacher_rows, flatten_teacher
 
 
 def _fused_forward(sh, sw, sb, teacher: Teacher, _tw, _tb, labels, name, opts, need, caps):
