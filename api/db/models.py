@@ -120,7 +120,23 @@ class File(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-class Job(Base):
+class LeasedRun:
+    """The columns a worker-run row (a job, a teacher cache build) shares: its failure, the
+    cancel request, and the lease the worker holding it renews with heartbeats (the reconciler
+    re-enqueues queued rows and reclaims expired leases; the database is the source of truth)."""
+
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    output_dir: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Job(LeasedRun, Base):
     """A distillation job. ``spec`` is what the client sent (validated, defaults filled);
     ``resolved_spec`` is what the worker runs (file ids replaced by paths), set at enqueue time."""
 
@@ -147,19 +163,9 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     current_metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
-    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
-    error_message: Mapped[str | None] = mapped_column(Text, default=None)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Reliability (issue: database is the source of truth): the worker holding a job renews its
-    # lease with heartbeats; the reconciler re-enqueues queued jobs and reclaims expired leases.
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
-    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
-    output_dir: Mapped[str | None] = mapped_column(Text, default=None)
-    # The suffix of the distilled model's id, ft:<job id>:<suffix> (OpenAI's `suffix`).
-    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The suffix of the distilled model's id, ft:<job id>:<suffix> (OpenAI's `suffix`); the
+    # table's last column, after LeasedRun's (sort_order), as in the migrations.
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None, sort_order=1)
 
 
 class JobEvent(Base):
@@ -295,7 +301,7 @@ class WebhookAttempt(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class TeacherCache(Base):
+class TeacherCache(LeasedRun, Base):
     """A stored top-k teacher distribution (akl_core.teacher_cache), built by a worker on the same
     lifecycle as a job (status, lease, attempts, events). ``spec`` is the request as validated;
     ``resolved_spec`` has file ids replaced by paths (what the cache runner reads). ``output_dir``
@@ -326,15 +332,6 @@ class TeacherCache(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     bytes_per_token: Mapped[float | None] = mapped_column(Float, default=None)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(default=None)
-    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
-    error_message: Mapped[str | None] = mapped_column(Text, default=None)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
-    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
-    output_dir: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class TeacherCacheEvent(Base):
