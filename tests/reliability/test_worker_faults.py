@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -30,17 +31,33 @@ def _started_events(output_dir: str) -> list[int]:
     return [e["resumed_from_step"] for e in events if e.get("type") == "started"]
 
 
+def _wait_runner_step(stack: Stack, job_id: str, step: int, timeout: float) -> str:
+    """Wait until the runner itself has written ``step`` to its events.jsonl, and return the output
+    directory. The database lags the runner by up to a supervisor tick (2 s), in which a tiny job
+    can train dozens of steps, so a signal timed off the database could arrive after the end."""
+    job = stack.wait_job(job_id, lambda j: j.status == "running" and bool(j.output_dir), timeout, "a claim")
+    events = Path(job.output_dir) / "events.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if events.is_file() and any(
+            e.get("type") == "step" and e["step"] >= step for e in read_events(events)
+        ):
+            return job.output_dir
+        time.sleep(0.02)
+    raise AssertionError(f"the runner did not reach step {step} in {timeout} s\n{stack.log_tail()}")
+
+
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint_without_gaps_or_duplicates(
     stack: Stack, tmp_path: Path
 ):
-    steps, every = 60, 10
+    steps, every = 200, 10
     with stack.http(stack.new_key("alice")) as http:
         job_id = stack.submit(http, tiny_job(tmp_path, steps=steps, checkpoint_every=every))
         doomed = stack.start_worker("doomed")
         # Past a periodic checkpoint, with steps recorded after it that the resumed run repeats.
-        running = stack.wait_job(job_id, lambda j: (j.current_step or 0) >= every + 2, 120, "training")
+        _wait_runner_step(stack, job_id, every + 2, 120)
         crash(doomed)
-        assert running.status == "running" and stack.job(job_id).lease_owner is not None
+        assert stack.job(job_id).status == "running" and stack.job(job_id).lease_owner is not None
 
         stack.start_worker("survivor")
         job = stack.wait_job(job_id, lambda j: j.status == "succeeded", 180, "the resumed run")
@@ -61,11 +78,11 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint_without_gaps_or_d
 
 
 def test_sigterm_checkpoints_hands_the_job_back_and_exits(stack: Stack, tmp_path: Path):
-    steps = 60
+    steps = 200
     with stack.http(stack.new_key("bob")) as http:
         job_id = stack.submit(http, tiny_job(tmp_path, steps=steps, checkpoint_every=0))
         worker = stack.start_worker("deployed")
-        stack.wait_job(job_id, lambda j: (j.current_step or 0) >= 3, 120, "training")
+        _wait_runner_step(stack, job_id, 3, 120)
         os.kill(worker.pid, signal.SIGTERM)  # a deployment stopping the worker (warm shutdown)
         assert worker.wait(timeout=60) == 0, stack.log_tail()
 
