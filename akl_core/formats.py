@@ -50,6 +50,20 @@ class Example:
         return self.messages is not None
 
 
+def as_chat(ex: Example) -> Example:
+    """A prompt/response example as a two-turn chat: the prompt (trailing whitespace dropped: the
+    template ends the turn) as the user's message, the response as the assistant's. For a chat
+    model's own format; a chat example is returned as it is. Used by the demo (scripts/demo.sh)."""
+    if ex.is_chat:
+        return ex
+    assert ex.prompt is not None and ex.response is not None
+    messages = [
+        {"role": "user", "content": ex.prompt.rstrip()},
+        {"role": "assistant", "content": ex.response},
+    ]
+    return Example(messages=messages, line=ex.line)
+
+
 class LineParser:
     """One JSONL line -> an Example (None for a blank line); the format is detected from the
     first example unless given. Shared by ``data.parse_jsonl`` and ``data.validate_jsonl_stream``."""

@@ -7,8 +7,8 @@
    examples: bytes per response token from the manifest, against dense fp16 logits (2 V bytes).
 2. dtype: the stored log-probs as float16 or bfloat16: KL(exact || stored) of the k + 1 outcome
    distribution (renormalised, as the sparse loss reads it), the exact one from float64 logits.
-3. train: the demo's student and shapes (examples/demo.yaml: 6 layers truncated from the
-   teacher, batch 4, max_length 192), trained by ``python -m akl_core.runner`` from the online
+3. train: the demo's student and shapes (examples/demo.yaml: 15 layers truncated from the
+   teacher, batch 4, max_length 128, chat format), trained by ``python -m akl_core.runner`` from the online
    teacher and from the k = 64 cache, interleaved, each in its own process: tokens/s (median over
    the steps after the first) and the process's peak RSS (``wait4``'s ru_maxrss).
 The machine's load average is recorded beside each part: the numbers are only comparable within
@@ -48,12 +48,24 @@ def _load() -> list[float]:
 
 
 def _subset(work: Path, n: int) -> Path:
+    """The first n demo training examples in the demo's chat format (scripts/demo.sh)."""
     from akl_core import data
+    from akl_core.formats import as_chat
 
-    lines = data.resolve_data_path("demo:train").read_text(encoding="utf-8").splitlines()
-    path = work / f"train-{n}.jsonl"
-    path.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    lines = [
+        json.dumps({"messages": as_chat(ex).messages}) for ex in data.read_examples("demo:train", limit=n)
+    ]
+    path = work / f"train-chat-{n}.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _demo_lengths() -> dict:
+    """max_length and max_prompt_length of examples/demo.yaml (a cache must match the job's)."""
+    import yaml
+
+    training = yaml.safe_load(Path("examples/demo.yaml").read_text())["training"]
+    return {"max_length": training["max_length"], "max_prompt_length": training["max_prompt_length"]}
 
 
 def _cache_spec(train: Path, k: int):
@@ -62,7 +74,7 @@ def _cache_spec(train: Path, k: int):
     return CacheSpec.model_validate(
         {
             "teacher": TEACHER,
-            "data": {"train": str(train), "max_length": 192, "max_prompt_length": 128},
+            "data": {"train": str(train), **_demo_lengths()},
             "top_k": k,
             "evaluation": {"num_examples": 0},
         }
@@ -208,11 +220,15 @@ def bench_train(args) -> dict:
     from akl_core import models
 
     train = _subset(args.work, args.examples)  # the k = 64 cache's data
-    if not (args.work / "caches" / "k64" / "manifest.json").is_file():
+    name = f"k64-chat-{args.examples}"  # the cache's data and lengths are the job's
+    if not (args.work / "caches" / name / "manifest.json").is_file():
         from akl_core.cache_builder import build_cache
 
-        build_cache(_cache_spec(train, 64), args.work / "caches" / "k64")
-    variants = {"online": _job(TEACHER, train, args.steps), "cache-k64": _job("cache:k64", train, args.steps)}
+        build_cache(_cache_spec(train, 64), args.work / "caches" / name)
+    variants = {
+        "online": _job(TEACHER, train, args.steps),
+        "cache-k64": _job(f"cache:{name}", train, args.steps),
+    }
     runs = [_train_once(args, name, spec, r) for r in range(args.repeats) for name, spec in variants.items()]
     teacher_dir = models.resolve_model_ref(TEACHER)
     weights = sum(f.stat().st_size for f in teacher_dir.glob("*.safetensors")) / 2**20
@@ -224,7 +240,7 @@ def bench_train(args) -> dict:
             "peak_rss_mib": min(r["peak_rss_mib"] for r in mine),
         }
     speedup = summary["cache-k64"]["tokens_per_s"] / summary["online"]["tokens_per_s"]
-    print("\n3. training on the demo's shapes (6-layer student, batch 4, max_length 192), CPU")
+    print("\n3. training on the demo's student and shapes (examples/demo.yaml), CPU")
     print(f"{'variant':>10} {'run':>3} {'tokens/s':>9} {'peak RSS MiB':>13} {'load avg':>18}")
     for r in runs:
         print(
@@ -252,6 +268,8 @@ def main(argv=None) -> None:
     if "train" in parts:
         result["train"] = bench_train(args)
     result["load_avg_end"] = _load()
+    if args.json.is_file() and parts != {"bytes", "dtype", "train"}:  # keep the parts not rerun
+        result = {**json.loads(args.json.read_text()), **result}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nload average: {result['load_avg_start']} at the start, {result['load_avg_end']} at the end")

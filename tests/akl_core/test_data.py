@@ -269,6 +269,25 @@ def test_chat_learns_only_assistant_turns(tiny_tokenizer) -> None:
     assert "Darcy" not in learned and "brief" not in learned
 
 
+def test_as_chat_makes_the_prompt_the_user_turn_and_learns_only_the_response(tiny_tokenizer) -> None:
+    """formats.as_chat (the demo's data): the prompt (trailing newline dropped) is the user's turn;
+    the student learns the response and the end of the turn, as for any chat example."""
+    raw = Example(
+        prompt="Continue the passage:\n\nEmma smiled.\n\nContinuation:\n", response="She was happy.", line=7
+    )
+    chat = formats.as_chat(raw)
+    assert chat.is_chat and chat.line == 7
+    assert chat.messages == [
+        {"role": "user", "content": "Continue the passage:\n\nEmma smiled.\n\nContinuation:"},
+        {"role": "assistant", "content": "She was happy."},
+    ]
+    assert formats.as_chat(chat) is chat
+    item = data.tokenize_example(chat, tiny_tokenizer, max_length=256, max_prompt_length=128)
+    assert learned_text(tiny_tokenizer, item) == "She was happy.</s>\n"
+    prompt = data.encode_prompt(chat, tiny_tokenizer, 128)
+    assert item["input_ids"][: len(prompt)] == prompt  # generation sees what training conditioned on
+
+
 def test_chat_truncates_prompt_of_final_reply(tiny_tokenizer) -> None:
     msgs = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Fine."}]
     item = data.tokenize_example(Example(messages=msgs), tiny_tokenizer, max_length=256, max_prompt_length=10)
