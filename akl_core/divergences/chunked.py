@@ -45,6 +45,9 @@ class Workspace:
     def __init__(self, rows: int, vocab: int, device: torch.device):
         self.rows, self.vocab, self.device = rows, vocab, device
         self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        # what one chunk learnt that the next chunks of the same call can use (speed only: e.g.
+        # head.py stops trying a head stage that settles few rows of these logits)
+        self.hints: dict[str, bool] = {}
 
     def get(
         self, key: str, r: int, dtype: torch.dtype = torch.float32, tail: tuple[int, ...] | None = None

@@ -26,6 +26,11 @@ _BLOCK, _BLOCKS = 8, (8, 64)
 # threshold stage settles every row the 8-block stage would, for less (bench/divergences.py)
 _BLOCK_STAGES_BEFORE_BUCKETS = 0
 _TOPK_LAST = 4096  # then the threshold stage (for V > this; see _head_from_threshold), then a full sort
+# for V > _TOPK_LAST, before the threshold stage: the 32 best blocks of 8 among the 32 best blocks
+# of 64 (``_head_from_pyramid``), their tokens' top _PYRAMID_KEEP kept. It settles the rows whose
+# head is short (real logits at T = 1: median 3 tokens, p90 29) with ops on (R, 768) and (R, 256)
+# instead of the threshold stage's (R, 6144) at V = 49152 (bench/divergences.py).
+_PYRAMID_BLOCKS, _PYRAMID_KEEP = 32, 64
 # the threshold stage's histogram of block maxima: buckets of z_max - b (nats), the last open
 _BUCKET_WIDTH, _NBUCKETS = 1.0 / 64, 1024
 # then a fine histogram of the tokens above that threshold (_head_of_candidates)
@@ -65,7 +70,8 @@ def head_gap(rows: Rows, mu: float) -> tuple[Tensor, Tensor]:
     above that bound are exactly the top of the full sort, and a row is settled when its
     boundary (the first c_i > mu) lies in that exact prefix. Stages: rows with top-1 p > mu
     (head = top-1); then (V <= _TOPK_LAST) the top 64 tokens of 8 blocks and the top 512 of 64
-    blocks, or (larger V) the tokens above a threshold from the block maxima
+    blocks, or (larger V) the tokens of the best blocks of the best groups of blocks (short
+    heads: ``_head_from_pyramid``), then the tokens above a threshold from the block maxima
     (``_head_from_threshold``); then ``head_gap_by_sort`` on the rows left.
     """
     n, v = rows.p.shape
@@ -84,6 +90,14 @@ def head_gap(rows: Rows, mu: float) -> tuple[Tensor, Tensor]:
             sub = todo.numel() < n
             done = _head_from_blocks(rows, mu, g_head, size, todo, bmax[todo] if sub else bmax, blocks, keep)
             todo = todo[~done]
+    if todo.numel() > 0 and v > _TOPK_LAST and not rows.ws.hints.get("no_pyramid"):
+        # short heads: the best blocks of the best groups of blocks. On flat rows (real logits at
+        # T = 2: heads of ~1300 tokens) it settles almost none, so a chunk where it settled under
+        # a quarter of its rows turns it off for the chunks after it (the result is the same)
+        done = _head_from_pyramid(rows, mu, g_head, size, todo, bmax)
+        if 4 * int(done.sum()) < todo.numel():
+            rows.ws.hints["no_pyramid"] = True
+        todo = todo[~done]
     if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: the tokens above a threshold
         done = _head_from_threshold(rows, mu, g_head, size, todo, bmax)
         todo = todo[~done]
@@ -229,11 +243,50 @@ def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
 
 def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int) -> Tensor:
     """One stage of head_gap over rows ``todo``, candidates from the top ``blocks`` blocks."""
+    top_b, bidx = bmax.topk(blocks + 1, dim=-1)  # (R, blocks + 1)
+    # top_b[:, -1:]: the largest logit outside the candidate blocks
+    return _head_of_blocks(rows, mu, g_head, size, todo, bidx[:, :-1], top_b[:, -1:], keep)
+
+
+def _head_from_pyramid(
+    rows: Rows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor, bmax: Tensor
+) -> Tensor:
+    """Stage of head_gap for short heads at large V: the blocks of 8 are grouped into blocks of 64
+    (``block_max`` of the block maxima: block J holds the blocks J, J + nb64, ...), the best
+    _PYRAMID_BLOCKS blocks of 8 are found among those of the best _PYRAMID_BLOCKS blocks of 64,
+    and their tokens are the candidates (``_head_of_blocks``). Every token outside them is at
+    most the larger of the two bounds (the best block of 64 left out, the best block of 8 left
+    out of the candidate groups), so the sorted candidates above it are the top of the full sort.
+    Only rows that can settle are looked at: a boundary within the first _PYRAMID_KEEP tokens
+    needs _PYRAMID_KEEP * max(p) > mu. Returns the rows settled (a mask over ``todo``).
+    """
+    done = torch.zeros(todo.numel(), dtype=torch.bool, device=todo.device)
+    nb = bmax.shape[1]
+    nb64 = -(-nb // _BLOCK)
+    if nb64 <= _PYRAMID_BLOCKS:
+        return done
+    can = (rows.p_max.index_select(0, todo) * _PYRAMID_KEEP > mu).nonzero().squeeze(1)
+    if can.numel() == 0:
+        return done
+    sub = todo.index_select(0, can)
+    bm = bmax.index_select(0, sub)  # (r, nb): bmax has every row of the chunk
+    top64, j64 = block_max(bm).topk(_PYRAMID_BLOCKS + 1, dim=-1)
+    groups = block_cols(j64[:, :-1], nb).flatten(1)  # (r, 8 * blocks) ids of blocks of 8
+    inside = groups < nb
+    groups = groups.clamp_(max=nb - 1)
+    top8, j8 = bm.gather(-1, groups).masked_fill_(~inside, -math.inf).topk(_PYRAMID_BLOCKS + 1, dim=-1)
+    bound = torch.maximum(top64[:, -1:], top8[:, -1:])
+    blocks = groups.gather(-1, j8[:, :-1])
+    done[can] = _head_of_blocks(rows, mu, g_head, size, sub, blocks, bound, _PYRAMID_KEEP)
+    return done
+
+
+def _head_of_blocks(rows, mu, g_head, size, todo, bidx: Tensor, bound: Tensor, keep: int) -> Tensor:
+    """Settle the rows ``todo`` from the tokens of the candidate blocks ``bidx`` (R, blocks), every
+    other token's logit being at most ``bound`` (R, 1); returns the mask of rows settled."""
     v = rows.p.shape[1]
     everything = todo.numel() == rows.p.shape[0]
-    top_b, bidx = bmax.topk(blocks + 1, dim=-1)  # (R, blocks + 1)
-    bound = top_b[:, -1:]  # the largest logit outside the candidate blocks
-    cols = block_cols(bidx[:, :-1], v).flatten(1)
+    cols = block_cols(bidx, v).flatten(1)
     inside = cols < v  # the last block may be short
     cols = cols.clamp_(max=v - 1)
 

@@ -138,11 +138,13 @@ def test_teacher_only_neg_inf_is_finite_and_exact(name):
 
 
 def _stage_log(monkeypatch) -> dict[str, int]:
-    """Rows settled per stage of the head search: top1, blocks, buckets (the threshold stage), sort."""
-    settled = {"top1": 0, "blocks": 0, "buckets": 0, "sort": 0}
-    one, blocks, buckets, by_sort = (
+    """Rows settled per stage of the head search: top1, blocks, pyramid, buckets (the threshold
+    stage), sort."""
+    settled = {"top1": 0, "blocks": 0, "pyramid": 0, "buckets": 0, "sort": 0}
+    one, blocks, pyramid, buckets, by_sort = (
         head._head_of_one,
         head._head_from_blocks,
+        head._head_from_pyramid,
         head._head_from_threshold,
         head.head_gap_by_sort,
     )
@@ -157,6 +159,11 @@ def _stage_log(monkeypatch) -> dict[str, int]:
         settled["blocks"] += int(done.sum())
         return done
 
+    def spy_pyramid(*args):
+        done = pyramid(*args)
+        settled["pyramid"] += int(done.sum())
+        return done
+
     def spy_buckets(*args):
         done = buckets(*args)
         settled["buckets"] += int(done.sum())
@@ -168,6 +175,7 @@ def _stage_log(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(head, "_head_of_one", spy_one)
     monkeypatch.setattr(head, "_head_from_blocks", spy_blocks)
+    monkeypatch.setattr(head, "_head_from_pyramid", spy_pyramid)
     monkeypatch.setattr(head, "_head_from_threshold", spy_buckets)
     monkeypatch.setattr(head, "head_gap_by_sort", spy_sorted)
     return settled
@@ -241,9 +249,31 @@ def test_threshold_stage_matches_full_sort_per_row(monkeypatch, temperature, mu,
     rows = Rows(z_s, z_t, False, divergences.Workspace(24, v, s.device), blocks=True)
     g_head, size = head.head_gap(rows, opts.mu)
     ref_gap, ref_size = _head_by_sort(z_s, z_t, mu)
-    assert settled["buckets"] > 0
+    assert settled["buckets"] + settled["pyramid"] > 0, settled
     torch.testing.assert_close(size.double(), ref_size, rtol=0, atol=0)
     torch.testing.assert_close(g_head.double(), ref_gap, rtol=1e-5, atol=2e-6)  # p, q are fp32
+
+
+@pytest.mark.parametrize("flat_first", [True, False])
+def test_pyramid_stage_turns_itself_off_on_flat_chunks_and_changes_no_head(monkeypatch, flat_first):
+    # chunks of one call share a Workspace: after a chunk of flat rows (heads of hundreds of
+    # tokens) the pyramid stage is skipped; every head is still the full sort's, row by row
+    settled = _stage_log(monkeypatch)
+    g = _gen(11)
+    v = head._TOPK_LAST + 1003
+    flat = torch.randn(12, v, generator=g) * 0.3
+    short = torch.randn(12, v, generator=g) * 6.0  # heads of a few tokens
+    t = torch.cat([flat, short] if flat_first else [short, flat])
+    s = t + torch.randn(24, v, generator=g)
+    ws = divergences.Workspace(12, v, s.device)
+    for chunk in (slice(0, 12), slice(12, 24)):
+        rows = Rows(s[chunk], t[chunk], False, ws, blocks=True)
+        g_head, size = head.head_gap(rows, 0.5)
+        ref_gap, ref_size = _head_by_sort(s[chunk], t[chunk], 0.5)
+        torch.testing.assert_close(size.double(), ref_size, rtol=0, atol=0)
+        torch.testing.assert_close(g_head.double(), ref_gap, rtol=1e-5, atol=2e-6)
+    assert ws.hints.get("no_pyramid") is True
+    assert (settled["pyramid"] == 0) if flat_first else (settled["pyramid"] > 6), settled
 
 
 # ---------------------------------------------------------------------------- properties
