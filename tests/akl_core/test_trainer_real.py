@@ -10,7 +10,9 @@ import pytest
 from akl_core import data, evaluation, models, students, trainer
 from akl_core.spec import load_spec
 
-pytestmark = pytest.mark.slow
+# ~1-2 min on a quiet 2-core machine; ~630 s was seen under a load average of 6-8, over the
+# suite's 600 s default (pyproject), so this one test gets more room
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_real_teacher_kd_and_val_kl_fall(smollm2_path, tmp_path):
