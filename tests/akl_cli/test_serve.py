@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from akl_cli.serve import port_in_use
-from akl_core.contract import read_events
 from tests.reliability.conftest import tiny_job
 from tests.worker import services
 
@@ -104,17 +103,8 @@ def test_a_killed_worker_is_restarted_the_api_stays_up_and_the_job_resumes_where
                 r = http.post("/v1/files", files={"file": ("train.jsonl", f)}, data={"purpose": "train"})
             spec["data"]["train"] = r.json()["id"]
             job_id = http.post("/v1/jobs", json=spec).json()["id"]
-            # timed off the runner's own events.jsonl: the database lags it by up to a supervisor
-            # tick, in which a tiny job trains dozens of steps (it could end before the kill)
             run_events = tmp_path / "data/artifacts" / job_id / "events.jsonl"
-            services.wait_for(
-                lambda: (
-                    run_events.is_file()
-                    and any(e.get("type") == "step" and e["step"] >= 3 for e in read_events(run_events))
-                ),
-                180,
-                "steps",
-            )
+            services.wait_for(lambda: services.runner_reached(run_events, 3), 180, "steps")
             old = _worker(serve)
             old.kill()
             deadline, answered = time.monotonic() + 20, 0

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from akl_core.contract import read_events
 from tests.reliability.conftest import Stack, crash, tiny_job
+from tests.worker import services
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -32,19 +32,17 @@ def _started_events(output_dir: str) -> list[int]:
 
 
 def _wait_runner_step(stack: Stack, job_id: str, step: int, timeout: float) -> str:
-    """Wait until the runner itself has written ``step`` to its events.jsonl, and return the output
-    directory. The database lags the runner by up to a supervisor tick (2 s), in which a tiny job
-    can train dozens of steps, so a signal timed off the database could arrive after the end."""
+    """Wait until the runner itself has reached ``step`` (``services.runner_reached``); return the
+    output directory."""
     job = stack.wait_job(job_id, lambda j: j.status == "running" and bool(j.output_dir), timeout, "a claim")
     events = Path(job.output_dir) / "events.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if events.is_file() and any(
-            e.get("type") == "step" and e["step"] >= step for e in read_events(events)
-        ):
-            return job.output_dir
-        time.sleep(0.02)
-    raise AssertionError(f"the runner did not reach step {step} in {timeout} s\n{stack.log_tail()}")
+    try:
+        services.wait_for(
+            lambda: services.runner_reached(events, step), timeout, f"step {step}", interval=0.02
+        )
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{stack.log_tail()}") from None
+    return job.output_dir
 
 
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint_without_gaps_or_duplicates(

@@ -36,6 +36,17 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def runner_reached(events: Path, step: int) -> bool:
+    """Whether a run's own events.jsonl has a step event at ``step`` or later. Tests that signal a
+    worker mid-run wait on this, not on the job row: the database lags the runner by up to a
+    supervisor tick (2 s), in which a tiny job trains dozens of steps (it could end first)."""
+    from akl_core.contract import read_events
+
+    return events.is_file() and any(
+        e.get("type") == "step" and e["step"] >= step for e in read_events(events)
+    )
+
+
 def start_group(
     argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path = REPO
 ):
