@@ -25,6 +25,7 @@ from akl_core.divergences import (
     divergence_chunk,
     finish,
     scaled_once,
+    sub_chunk_rows,
 )
 
 # Tokens per lm_head matmul when chunk_size is None: about this many logits. Each chunk
@@ -122,10 +123,12 @@ def _fused_forward(sh, sw, sb, th, tw, tb, labels, name, opts, need, caps=(None,
     caps: the student's and teacher's final logit soft-capping (Gemma-2), or None.
     """
 
+    inner = sub_chunk_rows(opts, tw.shape[0], th.device)  # AKL: element-wise chunks of a group
+
     def chunk(sel, r, big):
         t_c = softcap_(_logits(th[sel], tw, tb, big.get("t_logits", r, th.dtype)), caps[1])
         return lambda a, b, s, need_grad, ws, out: divergence_chunk(
-            name, s, t_c[a:b], opts, need_grad, ws, out
+            name, s, t_c[a:b], opts, need_grad, ws, out, inner
         )
 
     return fused_loop(sh, sw, sb, labels, name, opts, need, caps[0], chunk)

@@ -37,6 +37,7 @@ from akl_core.divergences.chunked import (
     grad_in_forward,
     rows_forward,
     scaled_once,
+    sub_chunk_rows,
 )
 from akl_core.divergences.head import head_gap, head_gap_by_sort
 from akl_core.divergences.options import NAMES, STAT_NAMES, DivergenceOptions, DivergenceOutput, check_name
@@ -61,6 +62,7 @@ __all__ = [
     "head_gap_by_sort",
     "rows_forward",
     "scaled_once",
+    "sub_chunk_rows",
 ]
 
 

@@ -21,15 +21,17 @@ import torch
 from torch import Tensor
 
 from akl_core.divergences.options import DivergenceOptions, DivergenceOutput
-from akl_core.divergences.rows import needs_head, per_token
+from akl_core.divergences.rows import akl_group, needs_head, per_token
 
 # Tokens (rows of V logits) per chunk when chunk_size is None: about this many fp32 elements.
 # On CPU a chunk's few (rows, V) buffers then stay in the L2/L3 caches: 16 rows at V = 32000
 # ran FKL 1.3x faster than 64 rows (bench/divergences.py); smaller chunks pay more per-op overhead.
 _AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 23}
-# AKL's head search is a few dozen small ops per chunk, whatever its rows: on real logits
-# (N = 1450, V = 49152, T = 1) AKL / FKL was 2.0x with 10-row chunks, 1.3x with 21, 1.2x with 42
-_AUTO_CHUNK_ELEMENTS_HEAD = {"cpu": 1 << 21, "cuda": 1 << 23}
+# AKL's head search is a few dozen small ops per call, whatever its rows: it runs once per group
+# of this many logits, whose element-wise passes run in chunks of _AUTO_CHUNK_ELEMENTS
+# (rows.akl_group; on real logits, N = 1450, V = 49152: bench/divergences.py)
+_AUTO_CHUNK_ELEMENTS_HEAD = {"cpu": 1 << 22, "cuda": 1 << 23}
+GROUPED = ("akl", "akl_r")  # the divergences with a grouped path (rows.akl_group)
 
 # per_chunk(inputs of one chunk, out) -> (loss (R,), gradient rows or None, stats sums)
 ChunkFn = Callable[[tuple[Tensor, ...], "Tensor | None"], tuple[Tensor, "Tensor | None", dict[str, Tensor]]]
@@ -48,6 +50,14 @@ class Workspace:
         # what one chunk learnt that the next chunks of the same call can use (speed only: e.g.
         # head.py stops trying a head stage that settles few rows of these logits)
         self.hints: dict[str, bool] = {}
+        self._sub: Workspace | None = None
+
+    def sub(self, rows: int) -> Workspace:
+        """A workspace of ``rows`` rows for chunks inside this one's (kept; it shares the hints)."""
+        if self._sub is None or self._sub.rows != rows:
+            self._sub = Workspace(rows, self.vocab, self.device)
+            self._sub.hints = self.hints
+        return self._sub
 
     def get(
         self, key: str, r: int, dtype: torch.dtype = torch.float32, tail: tuple[int, ...] | None = None
@@ -68,6 +78,14 @@ def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device, name: 
     table = _AUTO_CHUNK_ELEMENTS_HEAD if needs_head(name, opts) else _AUTO_CHUNK_ELEMENTS
     elements = table.get(device.type, table["cuda"])
     return max(1, elements // max(vocab, 1))
+
+
+def sub_chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device) -> int:
+    """Rows per element-wise chunk inside a group (``rows.akl_group``): about
+    _AUTO_CHUNK_ELEMENTS logits, at most opts.chunk_size."""
+    table = _AUTO_CHUNK_ELEMENTS
+    rows = max(1, table.get(device.type, table["cuda"]) // max(vocab, 1))
+    return min(rows, opts.chunk_size) if opts.chunk_size is not None else rows
 
 
 def chunk_selectors(valid: Tensor, rows: int) -> list[Tensor | slice]:
@@ -136,12 +154,15 @@ def divergence_chunk(
     need_grad: bool,
     ws: Workspace | None = None,
     out: Tensor | None = None,
+    sub_rows: int | None = None,
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """Per-token loss (R,), grad wrt the student logits (R, V) fp32 or None, and stats sums.
 
     student, teacher: (R, V) logits of valid tokens in any float dtype (computed in fp32).
     ws: buffers to reuse across chunks; out: where to write the gradient ((R, V) fp32); without
     it the gradient lives in ``ws`` and is overwritten by the next chunk.
+    sub_rows: for AKL, run the element-wise passes in chunks of this many rows and the head
+    search once for all R (``rows.akl_group``).
     """
     r, v = student.shape
     ws = ws or Workspace(r, v, student.device)
@@ -149,12 +170,22 @@ def divergence_chunk(
     z_s, z_t = _tempered(student, t, ws, "z_s"), _tempered(teacher, t, ws, "z_t")
     if need_grad and out is None:
         out = ws.get("grad", r)
-    loss, stats = per_token(name, z_s, z_t, opts, ws, out if need_grad else None, safe=False)
-    if any(bool(x.isnan().any()) for x in (loss, *stats.values())):
+    o = out if need_grad else None
+    result: tuple[Tensor, dict[str, Tensor]] | None = None
+    scaled = False
+    if sub_rows is not None and r > sub_rows and name in GROUPED:
+        result = akl_group(z_s, z_t, opts.mu, name == "akl_r", ws, o, sub_rows, 1.0 / t)  # None: a NaN
+        scaled = result is not None  # its gradient is wrt the untempered logits already
+    else:
+        result = per_token(name, z_s, z_t, opts, ws, o, safe=False)
+        if any(bool(x.isnan().any()) for x in (result[0], *result[1].values())):
+            result = None
+    if result is None:
         # -inf logits (masked vocabulary) give 0 * inf = nan in the fast formulas, and only
         # there; redo the chunk with the guarded ones rather than pay for guards every time.
-        loss, stats = per_token(name, z_s, z_t, opts, ws, out if need_grad else None, safe=True)
-    if need_grad and t != 1.0:
+        result = per_token(name, z_s, z_t, opts, ws, o, safe=True)
+    loss, stats = result
+    if need_grad and t != 1.0 and not scaled:
         assert out is not None
         out.div_(t)
     return loss, (out if need_grad else None), {k: v.sum() for k, v in stats.items()}
@@ -212,8 +243,10 @@ def dense_forward(
 ) -> tuple[Tensor, Tensor | None, int, dict[str, Tensor]]:
     """(loss sum, grad wrt s or None, num_tokens, stats sums) of ``name`` on (N, V) logits."""
 
+    sub_rows = sub_chunk_rows(opts, s.shape[-1], s.device)
+
     def divergence(chunk: tuple[Tensor, ...], ws: Workspace, out: Tensor | None):
-        return divergence_chunk(name, chunk[0], chunk[1], opts, need_grad, ws, out)
+        return divergence_chunk(name, chunk[0], chunk[1], opts, need_grad, ws, out, sub_rows)
 
     return rows_forward(name, (s, t), labels, opts, need_grad, divergence)
 

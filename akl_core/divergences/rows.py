@@ -18,7 +18,7 @@ from torch import Tensor
 
 from akl_core.divergences import definitions
 from akl_core.divergences.definitions import head_weight
-from akl_core.divergences.head import block_max, head_gap
+from akl_core.divergences.head import block_max, head_gap, take
 from akl_core.divergences.options import DivergenceOptions
 
 if TYPE_CHECKING:
@@ -37,7 +37,14 @@ class Rows:
     see ``head.block_max``).
     """
 
-    def __init__(self, z_s: Tensor, z_t: Tensor, safe: bool, ws: Workspace, blocks: bool = False):
+    def __init__(
+        self,
+        z_s: Tensor,
+        z_t: Tensor,
+        safe: bool,
+        ws: Workspace,
+        blocks: bool = False,
+    ):
         r = z_s.shape[0]
         self.z_s, self.z_t, self.safe, self.ws = z_s, z_t, safe, ws
         self.p = torch.softmax(z_t, -1, out=ws.get("p", r))
@@ -51,6 +58,7 @@ class Rows:
         self.c = self.lse_s - self.lse_t
         self._delta: Tensor | None = torch.sub(z_t, z_s, out=ws.get("d", r))
         self._d: Tensor | None = None
+        self._qp: Tensor | None = None
 
     @property
     def d(self) -> Tensor:
@@ -76,6 +84,13 @@ class Rows:
     @property
     def lq(self) -> Tensor:
         return self.z_s - self.lse_s[:, None]
+
+    def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
+        """p at the flat indices ``flat`` (whose logits z_t are ``z``, rows ``row``)."""
+        return take(self.p, flat)
+
+    def p_rows(self, rows: Tensor) -> Tensor:
+        return self.p[rows]
 
     def buf(self, key: str) -> Tensor:
         return self.ws.get(key, self.p.shape[0])
@@ -105,6 +120,19 @@ class Rows:
     def l1(self, x: Tensor) -> Tensor:
         """Row sums of |x| (vector_norm(ord=1) measured 5x slower on CPU)."""
         return torch.abs(x, out=self.buf("abs")).sum(-1)
+
+    @property
+    def qp(self) -> Tensor:
+        """q - p, built once (into the "qp" buffer unless ``qp_into`` chose one)."""
+        return self._qp if self._qp is not None else self.qp_into(self.buf("qp"))
+
+    def qp_into(self, out: Tensor) -> Tensor:
+        self._qp = torch.sub(self.q, self.p, out=out)
+        return self._qp
+
+    def gap(self) -> Tensor:
+        """Row sums of |p - q| = g_head + g_tail (AKL's head search then reads ``qp``)."""
+        return self.l1(self.qp)
 
     def q_minus_p(self, out: Tensor | None = None) -> Tensor:
         """q - p, the FKL gradient; its row L1 norm is g_head + g_tail."""
@@ -140,7 +168,7 @@ def _akl_parts(rows: Rows, mu: float, out: Tensor | None, swap: bool):
     if rows.safe:
         return _akl_parts_safe(rows, mu, out, swap)
     fkl, rkl = rows.fkl(), rows.rkl()  # from delta, before anything builds d
-    gap = torch.sub(rows.q, rows.p, out=rows.buf("abs")).abs_().sum(-1)  # sum |p - q| = g_head + g_tail
+    gap = rows.gap()
     g_head, size = head_gap(rows, mu)
     w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
     if out is not None:  # weights are constants:
@@ -172,12 +200,77 @@ def _akl_parts_safe(rows: Rows, mu: float, out: Tensor | None, swap: bool):
     qd = rows.q_times_d(out)
     rkl = -qd.sum(-1)
     fkl = rows.fkl()
-    qp = rows.q_minus_p()
-    gap = rows.l1(qp)
+    gap = rows.gap()
     g_head, size = head_gap(rows, mu)
     w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
     if out is not None:
-        _finish_mixed_grad(rows, qd, rkl, w_f, w_r, qp)
+        _finish_mixed_grad(rows, qd, rkl, w_f, w_r, rows.qp)
+    return w_f * fkl + w_r * rkl, stats
+
+
+class GroupRows:
+    """What AKL's head search (``head.head_gap``) reads of a group of chunks: q - p kept for the
+    group's rows, the teacher's tempered logits z_t, and per row max(p), the teacher's
+    log-normaliser and block maxima (the fields of a ``Rows`` it reads). p is not kept: the few
+    tokens the search looks at are exp(z_t - lse_t)."""
+
+    def __init__(self, z_t: Tensor, qp: Tensor, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
+        self.z_t, self.qp, self.p_max, self.lse_t, self.bmax, self.ws = z_t, qp, p_max, lse_t, bmax, ws
+
+    def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
+        return (z - self.lse_t[row]).exp_()
+
+    def p_rows(self, rows: Tensor) -> Tensor:
+        return torch.softmax(self.z_t[rows], -1)
+
+
+def akl_group(
+    z_s: Tensor,
+    z_t: Tensor,
+    mu: float,
+    swap: bool,
+    ws: Workspace,
+    out: Tensor | None,
+    sub_rows: int,
+    scale: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]] | None:
+    """AKL (AKL-r: swap) over a group of G tempered rows, the same as ``_akl_parts`` on them, with
+    the element-wise passes in chunks of ``sub_rows`` rows and one head search for the group.
+
+    On CPU a chunk's (rows, V) buffers stay in cache only when it is small (~10 rows at V =
+    49152), while the head search is a few dozen small ops whatever its rows, so it pays per
+    group. The chunks write what the gradient and the head search need into group buffers: q - p
+    (FKL's gradient, into ``out``), W = q (d + rkl) (minus RKL's gradient), the block maxima;
+    then ``out`` becomes scale (w_f (q - p) - w_r W) in place (scale: 1 / T, the gradient wrt the
+    untempered logits, in the same pass). Returns (loss (G,), stats {name: (G,)}), or
+    None when a chunk's sums hold a NaN (-inf logits: redo the group with the guarded formulas).
+    """
+    g, v = z_s.shape
+    inner = ws.sub(sub_rows)
+    qp_all = out if out is not None else ws.get("qp", g)
+    w_all = ws.get("w", g) if out is not None else None
+    nb = block_max(z_t[:1]).shape[1]
+    bmax = ws.get("bmax", g, tail=(nb,))
+    fkl, rkl, gap, p_max, lse_t = z_s.new_empty((5, g)).unbind(0)
+    for a in range(0, g, sub_rows):
+        b = min(a + sub_rows, g)
+        rows = Rows(z_s[a:b], z_t[a:b], False, inner, blocks=True)
+        assert rows.bmax is not None
+        bmax[a:b] = rows.bmax
+        fkl[a:b] = rows.fkl()
+        qd = torch.mul(rows.q, rows.delta, out=rows.buf("xd") if w_all is None else w_all[a:b])
+        rkl_c = -(qd.sum(-1) + rows.c * rows.q.sum(-1))  # rows.rkl(), keeping q delta
+        rkl[a:b] = rkl_c
+        gap[a:b] = rows.l1(rows.qp_into(qp_all[a:b]))
+        if w_all is not None:  # q (d + rkl) = q delta + q (c + rkl)
+            qd.addcmul_(rows.q, (rows.c + rkl_c)[:, None])
+        p_max[a:b], lse_t[a:b] = rows.p_max, rows.lse_t
+    if bool(torch.stack((fkl, rkl, gap)).isnan().any()):
+        return None
+    g_head, size = head_gap(GroupRows(z_t, qp_all, p_max, lse_t, bmax, ws), mu)
+    w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
+    if out is not None and w_all is not None:  # w_f (q - p) + w_r (-W)
+        out.mul_((w_f * scale)[:, None]).addcmul_(w_all, (w_r * -scale)[:, None])
     return w_f * fkl + w_r * rkl, stats
 
 
@@ -294,6 +387,5 @@ def per_token(
         if "rkl" not in stats:
             stats["rkl"] = rows.rkl()
         if "g_head" not in stats:
-            gap = rows.l1(rows.q_minus_p())
-            stats.update(_head_stats(gap, *head_gap(rows, opts.mu)))
+            stats.update(_head_stats(rows.gap(), *head_gap(rows, opts.mu)))
     return loss, stats

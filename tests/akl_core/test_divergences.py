@@ -146,7 +146,7 @@ def _stage_log(monkeypatch) -> dict[str, int]:
         head._head_from_blocks,
         head._head_from_pyramid,
         head._head_from_threshold,
-        head.head_gap_by_sort,
+        head.head_by_sort,
     )
 
     def spy_one(rows, mu, g_head, size, bmax):
@@ -169,15 +169,15 @@ def _stage_log(monkeypatch) -> dict[str, int]:
         settled["buckets"] += int(done.sum())
         return done
 
-    def spy_sorted(p, q, mu):
+    def spy_sorted(p, e, mu):
         settled["sort"] += p.shape[0]
-        return by_sort(p, q, mu)
+        return by_sort(p, e, mu)
 
     monkeypatch.setattr(head, "_head_of_one", spy_one)
     monkeypatch.setattr(head, "_head_from_blocks", spy_blocks)
     monkeypatch.setattr(head, "_head_from_pyramid", spy_pyramid)
     monkeypatch.setattr(head, "_head_from_threshold", spy_buckets)
-    monkeypatch.setattr(head, "head_gap_by_sort", spy_sorted)
+    monkeypatch.setattr(head, "head_by_sort", spy_sorted)
     return settled
 
 

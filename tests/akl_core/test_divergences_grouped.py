@@ -1,0 +1,142 @@
+"""AKL's grouped path (``rows.akl_group``): the element-wise passes in small chunks, one head search
+per group of chunks, the gradient finished in place. Against the float64 reference (the authors'
+sort), row by row, and against the per-chunk path; the dense and the fused entry points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from akl_core import fused as fused_mod
+from akl_core.divergences import chunked, compute, head
+from akl_core.divergences.chunked import Workspace
+from akl_core.divergences.rows import akl_group
+from akl_core.fused import compute_fused
+
+try:
+    from .test_divergences import CASES, make_case
+    from .test_divergences_reference import reference, reference_terms
+except ImportError:  # rootdir-style import (tests/akl_core has no __init__.py)
+    from test_divergences import CASES, make_case
+    from test_divergences_reference import reference, reference_terms
+
+AKL_NAMES = ("akl", "akl_r")
+
+
+@pytest.fixture
+def grouped(monkeypatch):
+    """Element-wise chunks of 2 rows inside groups of up to 2^21 / V rows (whatever V), and a
+    count of the groups the grouped path settled (None: it handed a group back, -inf logits)."""
+    runs = {"settled": 0, "handed_back": 0}
+
+    def spy(*args, **kwargs):
+        result = akl_group(*args, **kwargs)
+        runs["settled" if result is not None else "handed_back"] += 1
+        return result
+
+    monkeypatch.setattr(chunked, "akl_group", spy)
+    monkeypatch.setattr(chunked, "sub_chunk_rows", lambda opts, v, device: 2)
+    monkeypatch.setattr(fused_mod, "sub_chunk_rows", lambda opts, v, device: 2)
+    return runs
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", AKL_NAMES)
+def test_grouped_matches_float64_reference(grouped, name, case):
+    s, t, labels, opts = make_case(case)
+    s1 = s.clone().requires_grad_()
+    out = compute(name, s1, t, labels, **opts)
+    (grad,) = torch.autograd.grad(out.loss, s1)
+    s64 = s.double().requires_grad_()
+    ref_loss, _, ref_n, ref_stats = reference(name, s64, t.double(), labels, **opts)
+    (ref_grad,) = torch.autograd.grad(ref_loss, s64)
+    if "inf" in case:  # 0 * inf in the fast sums: the group is redone with the guarded formulas
+        assert grouped["handed_back"] > 0
+    else:
+        assert grouped["settled"] > 0 and grouped["handed_back"] == 0
+    low = s.dtype != torch.float32
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=1e-2 if low else 1e-4, atol=(1e-2 if low else 2e-5) * scale + 1e-8
+    )
+    assert out.num_tokens == ref_n
+    for key in ("fkl", "rkl", "g_head", "g_tail", "w_head", "head_size"):
+        assert math.isclose(out.stats[key], ref_stats[key], rel_tol=1e-4, abs_tol=1e-5), key
+
+
+def _large_v(spread: tuple[float, float], seed: int = 7, n: int = 24):
+    """Rows past _TOPK_LAST (the pyramid and threshold stages), flat to peaked, a short last block."""
+    g = torch.Generator().manual_seed(seed)
+    v = head._TOPK_LAST + 1003
+    t = torch.randn(n, v, generator=g) * torch.linspace(*spread, n)[:, None]
+    t[::5, 17] += 9.0  # a few peaked rows (top-1 shortcut)
+    s = t + torch.randn(n, v, generator=g)
+    return s, t
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("mu", [0.5, 0.9])
+@pytest.mark.parametrize("spread", [(0.3, 6.0), (3.0, 9.0)])  # heads up to ~2000 / ~250 tokens
+def test_group_heads_and_losses_are_the_sorts_row_by_row(temperature, mu, spread):
+    # the group's head search reads p as exp(z_t - lse_t) at the tokens it looks at, not a kept p
+    s, t = _large_v(spread)
+    z_s, z_t = s / temperature, t / temperature
+    n, v = s.shape
+    out = torch.empty(n, v)
+    result = akl_group(z_s, z_t, mu, False, Workspace(n, v, s.device), out, 5, 1.0 / temperature)
+    assert result is not None
+    loss, stats = result
+    ref_loss, ref = reference_terms("akl", s.double(), t.double(), mu=mu, temperature=temperature)
+    torch.testing.assert_close(stats["head_size"].double(), ref["head_size"], rtol=0, atol=0)
+    torch.testing.assert_close(stats["g_head"].double(), ref["g_head"], rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    # the gradient of the summed loss wrt the untempered logits (1 / T folded in)
+    s64 = s.double().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(
+        reference_terms("akl", s64, t.double(), mu=mu, temperature=temperature)[0].sum(), s64
+    )
+    torch.testing.assert_close(out.double(), ref_grad, rtol=1e-4, atol=2e-5 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("name", AKL_NAMES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_grouped_and_per_chunk_paths_agree(monkeypatch, name, temperature):
+    s, t = _large_v((0.3, 6.0), seed=3, n=40)
+    labels = torch.zeros(40, dtype=torch.long)
+    labels[::6] = -100  # the valid rows are gathered into the group's buffers
+
+    def run():
+        s1 = s.clone().requires_grad_()
+        out = compute(name, s1, t, labels, temperature=temperature, chunk_size=16)
+        out.loss.backward()
+        return out, s1.grad
+
+    monkeypatch.setattr(chunked, "sub_chunk_rows", lambda opts, v, device: 3)
+    grouped_out, grouped_grad = run()
+    monkeypatch.setattr(chunked, "GROUPED", ())
+    chunk_out, chunk_grad = run()
+    torch.testing.assert_close(grouped_out.loss, chunk_out.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grouped_grad, chunk_grad, rtol=1e-5, atol=1e-9)
+    assert grouped_out.stats == pytest.approx(chunk_out.stats, rel=1e-6, abs=1e-7)
+
+
+def test_fused_grouped_matches_unfused(grouped):
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 30, 16, head._TOPK_LAST + 1003
+    sh, th = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    sw, tw = torch.randn(v, h, generator=g) * 0.4, torch.randn(v, h, generator=g) * 0.6
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[4::9] = -100
+    a = sh.clone().requires_grad_()
+    fused = compute_fused("akl", a, sw, th, tw, labels, temperature=2.0)
+    fused.loss.backward()
+    assert grouped["settled"] > 0
+    b = sh.clone().requires_grad_()
+    unfused = compute("akl", b @ sw.t(), th @ tw.t(), labels, temperature=2.0)
+    unfused.loss.backward()
+    torch.testing.assert_close(fused.loss, unfused.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert fused.stats == pytest.approx(unfused.stats, rel=1e-5, abs=1e-6)
