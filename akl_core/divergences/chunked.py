@@ -11,6 +11,8 @@
   with plain autograd. The graph can be backpropagated once.
 - The fast per-row formulas (rows.py) skip the guards that -inf logits need; a chunk whose
   result holds a NaN is recomputed with the guarded ones (``divergence_chunk``).
+- AKL's chunks are groups: its element-wise passes run in smaller chunks that stay in the CPU's
+  cache, its head search once per group (``rows.akl_group``, ``sub_chunk_rows``).
 """
 
 from __future__ import annotations

@@ -125,17 +125,17 @@ def _head_of_one(rows: HeadRows, mu: float, g_head: Tensor, size: Tensor, bmax: 
     Its column from the block maxima: the best block, then the best token in it. Returns the
     rows left to do.
     """
-    n = rows.z_t.shape[0]
+    n, v = rows.z_t.shape
     one = rows.p_max > mu
     if not bool(one.any()):
         return torch.arange(n, device=one.device)
-    block = bmax.argmax(-1, keepdim=True)  # (R, 1)
-    # (R, _BLOCK); a short block repeats column V - 1 (below the row's largest logit or it)
-    cols = block_cols(block.squeeze(1), rows.z_t.shape[1]).clamp_(max=rows.z_t.shape[1] - 1)
-    col = cols.gather(-1, rows.z_t.gather(-1, cols).argmax(-1, keepdim=True))  # (R, 1)
-    gap = rows.qp.gather(-1, col).abs_().squeeze(1)
-    g_head.copy_(torch.where(one, gap, 0.0))
-    size.copy_(one.to(size.dtype))
+    idx = one.nonzero().squeeze(1)
+    block = bmax.index_select(0, idx).argmax(-1)  # (k,): argmax over these rows only
+    # (k, _BLOCK) flat; a short block repeats column V - 1 (below the row's largest logit or it)
+    cols = block_cols(block, v).clamp_(max=v - 1).add_((idx * v)[:, None])
+    col = cols.gather(-1, take(rows.z_t, cols).argmax(-1, keepdim=True))  # (k, 1)
+    g_head[idx] = take(rows.qp, col).abs_().squeeze(1)
+    size[idx] = 1.0
     return (~one).nonzero().squeeze(1)
 
 
