@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from akl_core.divergences.options import DivergenceOptions, DivergenceOutput
-from akl_core.divergences.rows import akl_group, needs_head, per_token
+from akl_core.divergences.rows import akl_group, needs_head, per_token, tempered
 
 # Tokens (rows of V logits) per chunk when chunk_size is None: about this many fp32 elements.
 # On CPU a chunk's few (rows, V) buffers then stay in the L2/L3 caches: 16 rows at V = 32000
@@ -141,13 +141,6 @@ def chunk_loop(
     return loss_sum, stats
 
 
-def _tempered(x: Tensor, t: float, ws: Workspace, key: str) -> Tensor:
-    """x / t in fp32; x itself when it already is fp32 and t == 1."""
-    if t == 1.0:
-        return x if x.dtype == torch.float32 else ws.get(key, x.shape[0]).copy_(x)
-    return torch.div(x, t, out=ws.get(key, x.shape[0]))
-
-
 def divergence_chunk(
     name: str,
     student: Tensor,
@@ -169,27 +162,27 @@ def divergence_chunk(
     r, v = student.shape
     ws = ws or Workspace(r, v, student.device)
     t = opts.temperature
-    z_s, z_t = _tempered(student, t, ws, "z_s"), _tempered(teacher, t, ws, "z_t")
     if need_grad and out is None:
         out = ws.get("grad", r)
     o = out if need_grad else None
     result: tuple[Tensor, dict[str, Tensor]] | None = None
-    scaled = False
-    if sub_rows is not None and r > sub_rows and name in GROUPED:
-        result = akl_group(z_s, z_t, opts.mu, name == "akl_r", ws, o, sub_rows, 1.0 / t)  # None: a NaN
-        scaled = result is not None  # its gradient is wrt the untempered logits already
-    else:
-        result = per_token(name, z_s, z_t, opts, ws, o, safe=False)
-        if any(bool(x.isnan().any()) for x in (result[0], *result[1].values())):
-            result = None
+    grouped = sub_rows is not None and r > sub_rows and name in GROUPED
+    if grouped:  # tempered chunk by chunk; its gradient is wrt the untempered logits already
+        assert sub_rows is not None
+        result = akl_group(student, teacher, opts.mu, name == "akl_r", ws, o, sub_rows, t)  # None: a NaN
     if result is None:
-        # -inf logits (masked vocabulary) give 0 * inf = nan in the fast formulas, and only
-        # there; redo the chunk with the guarded ones rather than pay for guards every time.
-        result = per_token(name, z_s, z_t, opts, ws, o, safe=True)
+        z_s, z_t = tempered(student, t, ws, "z_s"), tempered(teacher, t, ws, "z_t")
+        if not grouped:
+            result = per_token(name, z_s, z_t, opts, ws, o, safe=False)
+            if any(bool(x.isnan().any()) for x in (result[0], *result[1].values())):
+                result = None
+        if result is None:
+            # -inf logits (masked vocabulary) give 0 * inf = nan in the fast formulas, and only
+            # there; redo the chunk with the guarded ones rather than pay for guards every time.
+            result = per_token(name, z_s, z_t, opts, ws, o, safe=True)
+        if o is not None and t != 1.0:
+            o.div_(t)
     loss, stats = result
-    if need_grad and t != 1.0 and not scaled:
-        assert out is not None
-        out.div_(t)
     return loss, (out if need_grad else None), {k: v.sum() for k, v in stats.items()}
 
 

@@ -46,6 +46,11 @@ _COMPARE_OVER_GATHER = 32
 _FINE_WIDTH, _NFINE = 1.0 / 256, 4096
 
 
+def n_blocks(v: int) -> int:
+    """Blocks of a row of V tokens (``block_max``)."""
+    return -(-v // _BLOCK)
+
+
 def block_max(z: Tensor) -> Tensor:
     """Largest logit of each block: (R, nb), nb = ceil(V / _BLOCK).
 
@@ -133,7 +138,7 @@ def _head_of_one(rows: HeadRows, mu: float, g_head: Tensor, size: Tensor, bmax: 
     block = bmax.index_select(0, idx).argmax(-1)  # (k,): argmax over these rows only
     # (k, _BLOCK) flat; a short block repeats column V - 1 (below the row's largest logit or it)
     cols = block_cols(block, v).clamp_(max=v - 1).add_((idx * v)[:, None])
-    col = cols.gather(-1, take(rows.z_t, cols).argmax(-1, keepdim=True))  # (k, 1)
+    col = cols.gather(-1, rows.z_take(cols).argmax(-1, keepdim=True))  # (k, 1)
     g_head[idx] = take(rows.qp, col).abs_().squeeze(1)
     size[idx] = 1.0
     return (~one).nonzero().squeeze(1)
@@ -190,14 +195,16 @@ def _head_from_threshold(
     loc, blk = _nonzero_2d(bm >= tau[:, None])  # (Mb,) row in todo, block
     if loc.numel() * _BLOCK * _COMPARE_OVER_GATHER > r * v:  # flat rows: one compare over them is cheaper
         z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
-        at = (z_r >= tau[:, None]).view(-1).nonzero().squeeze(1)  # flat in z_r
-        z = z_r.reshape(-1).index_select(0, at)
+        # z_t may be untempered (rows.t): z / T >= tau is z >= tau T, up to rounding, and any
+        # threshold will do (the tokens above it are still a prefix of the sorted row)
+        at = (z_r >= (tau * rows.t)[:, None]).view(-1).nonzero().squeeze(1)  # flat in z_r
         loc = at // v
         flat = at if r == rows.z_t.shape[0] else todo.index_select(0, loc) * v + (at - loc * v)
+        z = rows.z_take(flat)
     else:
         cols = block_cols(blk, v)  # (Mb, _BLOCK)
         flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
-        z = take(rows.z_t, flat)
+        z = rows.z_take(flat)
         keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
         loc = loc.index_select(0, keep // _BLOCK)
         flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
@@ -326,7 +333,7 @@ def _head_of_blocks(rows, mu, g_head, size, todo, bidx: Tensor, bound: Tensor, k
     # gather the candidates straight from the full (R, V) tensors, by flat index: copying the
     # rows left (rows.p[todo], ...) cost more than the whole search
     flat = cols.clamp_(max=v - 1).add_((todo * v)[:, None])
-    cand = take(rows.z_t, flat).masked_fill_(~inside, -math.inf)
+    cand = rows.z_take(flat).masked_fill_(~inside, -math.inf)
     cand, order = cand.topk(min(keep, cand.shape[1]), dim=-1)  # sorted; cheaper than a sort
     flat = flat.gather(-1, order)
     pad = cand == -math.inf

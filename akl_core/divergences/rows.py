@@ -18,11 +18,18 @@ from torch import Tensor
 
 from akl_core.divergences import definitions
 from akl_core.divergences.definitions import head_weight
-from akl_core.divergences.head import block_max, head_gap, take
+from akl_core.divergences.head import block_max, head_gap, n_blocks, take
 from akl_core.divergences.options import DivergenceOptions
 
 if TYPE_CHECKING:
     from akl_core.divergences.chunked import Workspace
+
+
+def tempered(x: Tensor, t: float, ws: Workspace, key: str) -> Tensor:
+    """x / t in fp32 (into ``ws`` buffer ``key``); x itself when it already is fp32 and t == 1."""
+    if t == 1.0:
+        return x if x.dtype == torch.float32 else ws.get(key, x.shape[0]).copy_(x)
+    return torch.div(x, t, out=ws.get(key, x.shape[0]))
 
 
 class Rows:
@@ -36,6 +43,8 @@ class Rows:
     bmax: the teacher's block maxima (R, ceil(V / _BLOCK)) when asked for (AKL's head search;
     see ``head.block_max``).
     """
+
+    t = 1.0  # z_t is tempered already (``GroupRows`` keeps the untempered logits and T)
 
     def __init__(
         self,
@@ -84,6 +93,10 @@ class Rows:
     @property
     def lq(self) -> Tensor:
         return self.z_s - self.lse_s[:, None]
+
+    def z_take(self, flat: Tensor) -> Tensor:
+        """The tempered teacher logits at the flat indices ``flat``."""
+        return take(self.z_t, flat)
 
     def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
         """p at the flat indices ``flat`` (whose logits z_t are ``z``, rows ``row``)."""
@@ -210,51 +223,67 @@ def _akl_parts_safe(rows: Rows, mu: float, out: Tensor | None, swap: bool):
 
 class GroupRows:
     """What AKL's head search (``head.head_gap``) reads of a group of chunks: q - p kept for the
-    group's rows, the teacher's tempered logits z_t, and per row max(p), the teacher's
-    log-normaliser and block maxima (the fields of a ``Rows`` it reads). p is not kept: the few
-    tokens the search looks at are exp(z_t - lse_t)."""
+    group's rows, per row max(p), the teacher's log-normaliser and block maxima (the fields of a
+    ``Rows`` it reads), and the teacher's logits z_t untempered, with T: the few tokens the
+    search looks at are tempered as they are gathered (the same values as the chunks' ``tempered``),
+    and their p is exp(z_t / T - lse_t), not read from a kept p."""
 
-    def __init__(self, z_t: Tensor, qp: Tensor, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
-        self.z_t, self.qp, self.p_max, self.lse_t, self.bmax, self.ws = z_t, qp, p_max, lse_t, bmax, ws
+    def __init__(self, z_t: Tensor, t: float, qp: Tensor, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
+        self.z_t, self.t, self.qp, self.p_max, self.lse_t, self.bmax, self.ws = (
+            z_t,
+            t,
+            qp,
+            p_max,
+            lse_t,
+            bmax,
+            ws,
+        )
+
+    def z_take(self, flat: Tensor) -> Tensor:
+        z = take(self.z_t, flat)
+        return (z if self.t == 1.0 else z / self.t).float()
 
     def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
         return (z - self.lse_t[row]).exp_()
 
     def p_rows(self, rows: Tensor) -> Tensor:
-        return torch.softmax(self.z_t[rows], -1)
+        z = self.z_t[rows]
+        return torch.softmax((z if self.t == 1.0 else z / self.t).float(), -1)
 
 
 def akl_group(
-    z_s: Tensor,
-    z_t: Tensor,
+    student: Tensor,
+    teacher: Tensor,
     mu: float,
     swap: bool,
     ws: Workspace,
     out: Tensor | None,
     sub_rows: int,
-    scale: float = 1.0,
+    t: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]] | None:
-    """AKL (AKL-r: swap) over a group of G tempered rows, the same as ``_akl_parts`` on them, with
-    the element-wise passes in chunks of ``sub_rows`` rows and one head search for the group.
+    """AKL (AKL-r: swap) over a group of G rows of logits at temperature t, the same as
+    ``_akl_parts`` on the tempered rows, with the element-wise passes in chunks of ``sub_rows`` rows
+    (each tempered into a chunk buffer) and one head search for the group.
 
     On CPU a chunk's (rows, V) buffers stay in cache only when it is small (~10 rows at V =
     49152), while the head search is a few dozen small ops whatever its rows, so it pays per
     group. The chunks write what the gradient and the head search need into group buffers: q - p
     (FKL's gradient, into ``out``), W = q (d + rkl) (minus RKL's gradient), the block maxima;
-    then ``out`` becomes scale (w_f (q - p) - w_r W) in place (scale: 1 / T, the gradient wrt the
-    untempered logits, in the same pass). Returns (loss (G,), stats {name: (G,)}), or
+    then ``out`` becomes (w_f (q - p) - w_r W) / t in place: the gradient wrt the untempered
+    logits. Returns (loss (G,), stats {name: (G,)}), or
     None when a chunk's sums hold a NaN (-inf logits: redo the group with the guarded formulas).
     """
-    g, v = z_s.shape
+    g, v = student.shape
     inner = ws.sub(sub_rows)
     qp_all = out if out is not None else ws.get("qp", g)
     w_all = ws.get("w", g) if out is not None else None
-    nb = block_max(z_t[:1]).shape[1]
+    nb = n_blocks(v)
     bmax = ws.get("bmax", g, tail=(nb,))
-    fkl, rkl, gap, p_max, lse_t = z_s.new_empty((5, g)).unbind(0)
+    fkl, rkl, gap, p_max, lse_t = qp_all.new_empty((5, g)).unbind(0)
     for a in range(0, g, sub_rows):
         b = min(a + sub_rows, g)
-        rows = Rows(z_s[a:b], z_t[a:b], False, inner, blocks=True)
+        z_s, z_t = tempered(student[a:b], t, inner, "z_s"), tempered(teacher[a:b], t, inner, "z_t")
+        rows = Rows(z_s, z_t, False, inner, blocks=True)
         assert rows.bmax is not None
         bmax[a:b] = rows.bmax
         fkl[a:b] = rows.fkl()
@@ -267,10 +296,10 @@ def akl_group(
         p_max[a:b], lse_t[a:b] = rows.p_max, rows.lse_t
     if bool(torch.stack((fkl, rkl, gap)).isnan().any()):
         return None
-    g_head, size = head_gap(GroupRows(z_t, qp_all, p_max, lse_t, bmax, ws), mu)
+    g_head, size = head_gap(GroupRows(teacher, t, qp_all, p_max, lse_t, bmax, ws), mu)
     w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
     if out is not None and w_all is not None:  # w_f (q - p) + w_r (-W)
-        out.mul_((w_f * scale)[:, None]).addcmul_(w_all, (w_r * -scale)[:, None])
+        out.mul_((w_f / t)[:, None]).addcmul_(w_all, (w_r / -t)[:, None])
     return w_f * fkl + w_r * rkl, stats
 
 
