@@ -192,8 +192,9 @@ def _head_from_threshold(
     # whose prefix holds mass <= mu is not settled here); rows not ok get none
     tau = (z_max - (last + 2) * _BUCKET_WIDTH).squeeze(1).masked_fill_(~ok, math.inf)
     # the candidates: the tokens with z >= tau of the blocks with b >= tau (flat, row by row)
-    loc, blk = _nonzero_2d(bm >= tau[:, None])  # (Mb,) row in todo, block
-    if loc.numel() * _BLOCK * _COMPARE_OVER_GATHER > r * v:  # flat rows: one compare over them is cheaper
+    above = bm >= tau[:, None]  # the blocks holding the candidates
+    if int(torch.count_nonzero(above)) * _BLOCK * _COMPARE_OVER_GATHER > r * v:
+        # flat rows: one compare over them is cheaper than gathering the blocks' tokens
         z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
         # z_t may be untempered (rows.t): z / T >= tau is z >= tau T, up to rounding, and any
         # threshold will do (the tokens above it are still a prefix of the sorted row)
@@ -202,6 +203,7 @@ def _head_from_threshold(
         flat = at if r == rows.z_t.shape[0] else todo.index_select(0, loc) * v + (at - loc * v)
         z = rows.z_take(flat)
     else:
+        loc, blk = _nonzero_2d(above)  # (Mb,) row in todo, block
         cols = block_cols(blk, v)  # (Mb, _BLOCK)
         flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
         z = rows.z_take(flat)
@@ -239,8 +241,11 @@ def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
     the cumulative mass first exceeds mu are the head, and only that boundary bucket's few
     tokens are sorted and cut by the cumulative rule. Returns the rows settled.
     """
-    r, nf = todo.numel(), _NFINE
-    b = (z_max.index_select(0, loc) - z).mul_(1.0 / _FINE_WIDTH).clamp_(0, nf - 1).to(torch.long)
+    r = todo.numel()
+    b = (z_max.index_select(0, loc) - z).mul_(1.0 / _FINE_WIDTH)
+    # as many buckets as the candidates span (a few nats at T = 2: ~1/4 of _NFINE), the last open
+    nf = min(_NFINE, int(b.max()) + 2) if b.numel() else 1
+    b = b.clamp_(0, nf - 1).to(torch.long)
     cum = torch.bincount(loc * nf + b, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
     last = _count_at_most(cum, mu)  # (r, 1) the boundary bucket
     ok = (last < nf).squeeze(1)
