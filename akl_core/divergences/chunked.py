@@ -77,17 +77,20 @@ def chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device, name: 
     """Tokens per chunk: opts.chunk_size, else about _AUTO_CHUNK_ELEMENTS logits (more with a head search)."""
     if opts.chunk_size is not None:
         return opts.chunk_size
-    table = _AUTO_CHUNK_ELEMENTS_HEAD if needs_head(name, opts) else _AUTO_CHUNK_ELEMENTS
-    elements = table.get(device.type, table["cuda"])
-    return max(1, elements // max(vocab, 1))
+    return _auto_rows(
+        _AUTO_CHUNK_ELEMENTS_HEAD if needs_head(name, opts) else _AUTO_CHUNK_ELEMENTS, vocab, device
+    )
 
 
 def sub_chunk_rows(opts: DivergenceOptions, vocab: int, device: torch.device) -> int:
     """Rows per element-wise chunk inside a group (``rows.akl_group``): about
     _AUTO_CHUNK_ELEMENTS logits, at most opts.chunk_size."""
-    table = _AUTO_CHUNK_ELEMENTS
-    rows = max(1, table.get(device.type, table["cuda"]) // max(vocab, 1))
+    rows = _auto_rows(_AUTO_CHUNK_ELEMENTS, vocab, device)
     return min(rows, opts.chunk_size) if opts.chunk_size is not None else rows
+
+
+def _auto_rows(table: dict[str, int], vocab: int, device: torch.device) -> int:
+    return max(1, table.get(device.type, table["cuda"]) // max(vocab, 1))
 
 
 def chunk_selectors(valid: Tensor, rows: int) -> list[Tensor | slice]:
@@ -183,7 +186,7 @@ def divergence_chunk(
         if o is not None and t != 1.0:
             o.div_(t)
     loss, stats = result
-    return loss, (out if need_grad else None), {k: v.sum() for k, v in stats.items()}
+    return loss, o, {k: v.sum() for k, v in stats.items()}
 
 
 def flatten(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

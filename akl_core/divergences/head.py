@@ -47,7 +47,7 @@ _FINE_WIDTH, _NFINE = 1.0 / 256, 4096
 
 
 def n_blocks(v: int) -> int:
-    """Blocks of a row of V tokens (``block_max``)."""
+    """Blocks of a row of V tokens (``block_max``); also blocks of blocks: n_blocks(nb)."""
     return -(-v // _BLOCK)
 
 
@@ -59,7 +59,7 @@ def block_max(z: Tensor) -> Tensor:
     adjacent tokens (and as fast as one amax of the row).
     """
     r, v = z.shape
-    nb = -(-v // _BLOCK)
+    nb = n_blocks(v)
     full = v // nb  # complete slabs of nb tokens
     m = z[:, : full * nb].unflatten(1, (full, nb)).amax(1)
     if full * nb < v:  # a short last slab
@@ -70,7 +70,7 @@ def block_max(z: Tensor) -> Tensor:
 
 def block_cols(block: Tensor, v: int) -> Tensor:
     """Columns of the tokens of ``block`` (any shape): (..., _BLOCK); those >= V are not tokens."""
-    nb = -(-v // _BLOCK)
+    nb = n_blocks(v)
     return block[..., None] + nb * torch.arange(_BLOCK, device=block.device)
 
 
@@ -97,7 +97,7 @@ def head_gap(rows: HeadRows, mu: float) -> tuple[Tensor, Tensor]:
     size = rows.lse_t.new_zeros(n)
     todo = torch.arange(n, device=rows.z_t.device)
     z = rows.z_t
-    nb = -(-v // _BLOCK)
+    nb = n_blocks(v)
     if nb > _BLOCKS[0]:
         bmax = rows.bmax if rows.bmax is not None else block_max(z)  # (R, nb)
         todo = _head_of_one(rows, mu, g_head, size, bmax)
@@ -309,7 +309,7 @@ def _head_from_pyramid(
     """
     done = torch.zeros(todo.numel(), dtype=torch.bool, device=todo.device)
     nb = bmax.shape[1]
-    nb64 = -(-nb // _BLOCK)
+    nb64 = n_blocks(nb)
     if nb64 <= _PYRAMID_BLOCKS:
         return done
     can = (rows.p_max.index_select(0, todo) * _PYRAMID_KEEP > mu).nonzero().squeeze(1)

@@ -134,22 +134,20 @@ class Rows:
         """Row sums of |x| (vector_norm(ord=1) measured 5x slower on CPU)."""
         return torch.abs(x, out=self.buf("abs")).sum(-1)
 
+    def q_minus_p(self, out: Tensor | None = None) -> Tensor:
+        """q - p (into out, else the "qp" buffer), the FKL gradient; its row L1 norm is
+        g_head + g_tail. Kept as ``qp``."""
+        self._qp = torch.sub(self.q, self.p, out=self.buf("qp") if out is None else out)
+        return self._qp
+
     @property
     def qp(self) -> Tensor:
-        """q - p, built once (into the "qp" buffer unless ``qp_into`` chose one)."""
-        return self._qp if self._qp is not None else self.qp_into(self.buf("qp"))
-
-    def qp_into(self, out: Tensor) -> Tensor:
-        self._qp = torch.sub(self.q, self.p, out=out)
-        return self._qp
+        """q - p, built once (``q_minus_p``)."""
+        return self._qp if self._qp is not None else self.q_minus_p()
 
     def gap(self) -> Tensor:
         """Row sums of |p - q| = g_head + g_tail (AKL's head search then reads ``qp``)."""
         return self.l1(self.qp)
-
-    def q_minus_p(self, out: Tensor | None = None) -> Tensor:
-        """q - p, the FKL gradient; its row L1 norm is g_head + g_tail."""
-        return torch.sub(self.q, self.p, out=self.buf("qp") if out is None else out)
 
 
 def _softmax_grad(q: Tensor, g: Tensor, out: Tensor) -> None:
@@ -229,26 +227,21 @@ class GroupRows:
     and their p is exp(z_t / T - lse_t), not read from a kept p."""
 
     def __init__(self, z_t: Tensor, t: float, qp: Tensor, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
-        self.z_t, self.t, self.qp, self.p_max, self.lse_t, self.bmax, self.ws = (
-            z_t,
-            t,
-            qp,
-            p_max,
-            lse_t,
-            bmax,
-            ws,
-        )
+        self.z_t, self.t, self.qp = z_t, t, qp
+        self.p_max, self.lse_t, self.bmax, self.ws = p_max, lse_t, bmax, ws
+
+    def _tempered(self, z: Tensor) -> Tensor:
+        """Gathered logits / T in fp32: the values ``tempered`` gives the chunks."""
+        return (z if self.t == 1.0 else z / self.t).float()
 
     def z_take(self, flat: Tensor) -> Tensor:
-        z = take(self.z_t, flat)
-        return (z if self.t == 1.0 else z / self.t).float()
+        return self._tempered(take(self.z_t, flat))
 
     def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
         return (z - self.lse_t[row]).exp_()
 
     def p_rows(self, rows: Tensor) -> Tensor:
-        z = self.z_t[rows]
-        return torch.softmax((z if self.t == 1.0 else z / self.t).float(), -1)
+        return torch.softmax(self._tempered(self.z_t[rows]), -1)
 
 
 def akl_group(
@@ -290,7 +283,7 @@ def akl_group(
         qd = torch.mul(rows.q, rows.delta, out=rows.buf("xd") if w_all is None else w_all[a:b])
         rkl_c = -(qd.sum(-1) + rows.c * rows.q.sum(-1))  # rows.rkl(), keeping q delta
         rkl[a:b] = rkl_c
-        gap[a:b] = rows.l1(rows.qp_into(qp_all[a:b]))
+        gap[a:b] = rows.l1(rows.q_minus_p(qp_all[a:b]))
         if w_all is not None:  # q (d + rkl) = q delta + q (c + rkl)
             qd.addcmul_(rows.q, (rows.c + rkl_c)[:, None])
         p_max[a:b], lse_t[a:b] = rows.p_max, rows.lse_t
