@@ -51,8 +51,8 @@ def n_blocks(v: int) -> int:
     return -(-v // _BLOCK)
 
 
-def block_max(z: Tensor) -> Tensor:
-    """Largest logit of each block: (R, nb), nb = ceil(V / _BLOCK).
+def block_max(z: Tensor, out: Tensor | None = None) -> Tensor:
+    """Largest logit of each block: (R, nb), nb = ceil(V / _BLOCK) (into ``out`` when given).
 
     Block j holds the tokens j, j + nb, ..., j + (_BLOCK - 1) nb (those below V): strided, so
     the maximum runs over a leading dimension, which on CPU measured 10-25x faster than over 8
@@ -61,7 +61,8 @@ def block_max(z: Tensor) -> Tensor:
     r, v = z.shape
     nb = n_blocks(v)
     full = v // nb  # complete slabs of nb tokens
-    m = z[:, : full * nb].unflatten(1, (full, nb)).amax(1)
+    part = z[:, : full * nb].unflatten(1, (full, nb))
+    m = part.amax(1) if out is None else torch.amax(part, 1, out=out)
     if full * nb < v:  # a short last slab
         tail = z[:, full * nb :]
         torch.maximum(m[:, : tail.shape[1]], tail, out=m[:, : tail.shape[1]])
@@ -74,9 +75,53 @@ def block_cols(block: Tensor, v: int) -> Tensor:
     return block[..., None] + nb * torch.arange(_BLOCK, device=block.device)
 
 
-def head_gap(rows: HeadRows, mu: float) -> tuple[Tensor, Tensor]:
-    """(g_head, head_size) per row: the same as ``head_gap_by_sort(rows.p, rows.q, mu)``, without
-    the full sort.
+class Heads:
+    """What the head search found: the flat indices (into the rows' (R, V) layout) of every head
+    token of the rows settled, and each row's head size.
+
+    Each stage adds the tokens of the rows it settled row by row (``add``: ascending rows), so
+    the parts are each sorted by row, though not by flat index, and the stages interleave rows.
+    """
+
+    def __init__(self, n: int, like: Tensor):
+        self.size = like.new_zeros(n)
+        self.parts: list[Tensor] = []
+
+    def add(self, flat: Tensor) -> None:
+        """Head tokens of settled rows (flat indices, any shape, rows ascending row-major)."""
+        if flat.numel():
+            self.parts.append(flat.reshape(-1))
+
+    def flat(self) -> Tensor:
+        """Every head token found, by flat index (grouped by stage)."""
+        if not self.parts:
+            return torch.zeros(0, dtype=torch.long, device=self.size.device)
+        return torch.cat(self.parts)
+
+    def by_rows(self, v: int, starts: list[int]) -> list[Tensor]:
+        """The head tokens of the rows [starts[i], starts[i + 1]) for each i (the last start is
+        the row count), flat: one binary search per part, no sort."""
+        bounds = torch.tensor(starts, device=self.size.device)
+        cuts = [torch.searchsorted(part // v, bounds).tolist() for part in self.parts]
+        return [
+            self._cat([part[c[i] : c[i + 1]] for part, c in zip(self.parts, cuts, strict=True)])
+            for i in range(len(starts) - 1)
+        ]
+
+    def _cat(self, pieces: list[Tensor]) -> Tensor:
+        pieces = [x for x in pieces if x.numel()]
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            return torch.zeros(0, dtype=torch.long, device=self.size.device)
+        return torch.cat(pieces)
+
+
+def head_tokens(rows: HeadRows, mu: float) -> Heads:
+    """Every head token of every row by flat index into the rows' (R, V) layout, and each row's
+    head size (``Heads``): the heads of ``head_by_sort(rows.p, mu)``,
+    without the full sort. The head depends on the teacher alone, so this reads no student
+    values: its g_head = sum of |p - q| over the head is a gather (``head_gap``).
 
     The head is a prefix of the sorted p. Split the vocabulary into blocks of _BLOCK tokens
     (``block_max``) and take as candidates the blocks with the largest teacher logits: every
@@ -88,43 +133,58 @@ def head_gap(rows: HeadRows, mu: float) -> tuple[Tensor, Tensor]:
     heads: ``_head_from_pyramid``), then the tokens above a threshold from the block maxima
     (``_head_from_threshold``); then the full sort (``head_by_sort``) on the rows left.
 
-    rows: a ``rows.Rows`` (one chunk) or ``rows.GroupRows`` (a group of chunks); the search reads
-    its qp = q - p, z_t, p_max, lse_t and bmax, and p through ``p_at`` / ``p_rows``, gathering
-    only a few tokens of each row.
+    rows: a ``rows.Rows`` (one chunk) or ``rows.GroupRows`` (a group of chunks, teacher only);
+    the search reads its z_t, p_max, lse_t and bmax, and p through ``p_at`` / ``p_rows``,
+    gathering only a few tokens of each row.
     """
     n, v = rows.z_t.shape
-    g_head = rows.lse_t.new_zeros(n)
-    size = rows.lse_t.new_zeros(n)
+    heads = Heads(n, rows.lse_t)
     todo = torch.arange(n, device=rows.z_t.device)
     z = rows.z_t
     nb = n_blocks(v)
     if nb > _BLOCKS[0]:
         bmax = rows.bmax if rows.bmax is not None else block_max(z)  # (R, nb)
-        todo = _head_of_one(rows, mu, g_head, size, bmax)
+        todo = _head_of_one(rows, mu, heads, bmax)
         stages = _BLOCKS if v <= _TOPK_LAST else _BLOCKS[:_BLOCK_STAGES_BEFORE_BUCKETS]
         for blocks, keep in zip(stages, (64, 512)[: len(stages)], strict=True):
             if todo.numel() == 0 or nb <= blocks:
                 break
             sub = todo.numel() < n
-            done = _head_from_blocks(rows, mu, g_head, size, todo, bmax[todo] if sub else bmax, blocks, keep)
+            done = _head_from_blocks(rows, mu, heads, todo, bmax[todo] if sub else bmax, blocks, keep)
             todo = todo[~done]
     if todo.numel() > 0 and v > _TOPK_LAST and not rows.ws.hints.get("no_pyramid"):
         # short heads: the best blocks of the best groups of blocks. On flat rows (real logits at
         # T = 2: heads of ~1300 tokens) it settles almost none, so a chunk where it settled under
         # a quarter of its rows turns it off for the chunks after it (the result is the same)
-        done = _head_from_pyramid(rows, mu, g_head, size, todo, bmax)
+        done = _head_from_pyramid(rows, mu, heads, todo, bmax)
         if 4 * int(done.sum()) < todo.numel():
             rows.ws.hints["no_pyramid"] = True
         todo = todo[~done]
     if todo.numel() > 0 and v > _TOPK_LAST:  # flat rows: the tokens above a threshold
-        done = _head_from_threshold(rows, mu, g_head, size, todo, bmax)
+        done = _head_from_threshold(rows, mu, heads, todo, bmax)
         todo = todo[~done]
     if todo.numel() > 0:  # the rows left: the definition itself
-        g_head[todo], size[todo] = head_by_sort(rows.p_rows(todo), rows.qp[todo].abs_(), mu)
-    return g_head, size
+        idx, head = head_by_sort(rows.p_rows(todo), mu)
+        heads.add((idx + (todo * v)[:, None])[head])
+        heads.size[todo] = head.sum(-1).to(heads.size.dtype)
+    return heads
 
 
-def _head_of_one(rows: HeadRows, mu: float, g_head: Tensor, size: Tensor, bmax: Tensor) -> Tensor:
+def head_gap(rows: HeadRows, mu: float) -> tuple[Tensor, Tensor]:
+    """(g_head, head_size) per row: the same as ``head_gap_by_sort(rows.p, rows.q, mu)``
+    (``head_tokens``, then |p - q| = |rows.qp| summed over them)."""
+    heads = head_tokens(rows, mu)
+    return row_sums_at(rows.qp, heads.flat()), heads.size
+
+
+def row_sums_at(x: Tensor, flat: Tensor) -> Tensor:
+    """Per row of x (R, V), the sum of |x| at the flat indices ``flat``."""
+    r, v = x.shape
+    e = take(x, flat).abs_().double()  # bincount adds in order: in double, as exact as a pairwise sum
+    return torch.bincount(flat // v, weights=e, minlength=r).to(x.dtype)
+
+
+def _head_of_one(rows: HeadRows, mu: float, heads: Heads, bmax: Tensor) -> Tensor:
     """Rows whose top-1 p exceeds mu have a head of one token (most rows of an LLM teacher).
 
     Its column from the block maxima: the best block, then the best token in it. Returns the
@@ -139,32 +199,30 @@ def _head_of_one(rows: HeadRows, mu: float, g_head: Tensor, size: Tensor, bmax: 
     # (k, _BLOCK) flat; a short block repeats column V - 1 (below the row's largest logit or it)
     cols = block_cols(block, v).clamp_(max=v - 1).add_((idx * v)[:, None])
     col = cols.gather(-1, rows.z_take(cols).argmax(-1, keepdim=True))  # (k, 1)
-    g_head[idx] = take(rows.qp, col).abs_().squeeze(1)
-    size[idx] = 1.0
+    heads.add(col)
+    heads.size[idx] = 1.0
     return (~one).nonzero().squeeze(1)
 
 
-def _head_of_sorted(p_top, e_top, mu, g_head, size, rows_idx, exact) -> Tensor:
-    """Fill g_head/size of the rows whose boundary lies in the exact prefix; return that mask.
+def _head_of_sorted(p_top, f_top, mu, heads: Heads, rows_idx, exact) -> Tensor:
+    """Record the heads of the rows whose boundary lies in the exact prefix; return that mask.
 
-    p_top, e_top = |p - q|: (R, k) sorted by p descending; exact: (R, k) bool, or None for a
-    full sort.
+    p_top, f_top (the tokens' flat indices): (R, k) sorted by p descending; exact: (R, k) bool,
+    or None for a full sort.
     """
     cum = p_top.cumsum(-1)
     head = cum <= mu
     head[:, 0] = True
     done = torch.ones_like(head[:, 0]) if exact is None else (exact & (cum > mu)).any(-1)
-    gap = torch.where(head, e_top, 0.0).sum(-1)
-    sel = rows_idx[done]
-    g_head[sel] = gap[done].to(g_head.dtype)
-    size[sel] = head[done].sum(-1).to(size.dtype)
+    heads.add(f_top[head & done[:, None]])
+    heads.size[rows_idx[done]] = head[done].sum(-1).to(heads.size.dtype)
     return done
 
 
 def _head_from_threshold(
-    rows: HeadRows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor, bmax: Tensor
+    rows: HeadRows, mu: float, heads: Heads, todo: Tensor, bmax: Tensor
 ) -> Tensor:
-    """Stage of head_gap for flat rows: a logit threshold from the block maxima, then only the
+    """Stage of head_tokens for flat rows: a logit threshold from the block maxima, then only the
     tokens above it (``_head_of_candidates``).
 
     The same as the full sort, restricted to a prefix of it: every block maximum b is a distinct
@@ -211,8 +269,7 @@ def _head_from_threshold(
         loc = loc.index_select(0, keep // _BLOCK)
         flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
     flat_p = rows.p_at(flat, z, todo.index_select(0, loc))
-    e = take(rows.qp, flat).abs_()  # |p - q|
-    return ok & _head_of_candidates(loc, z, flat_p.double(), e, bm.amax(-1), mu, g_head, size, todo)
+    return ok & _head_of_candidates(loc, z, flat_p.double(), flat, bm.amax(-1), mu, heads, todo)
 
 
 def take(x: Tensor, flat: Tensor) -> Tensor:
@@ -232,10 +289,10 @@ def _count_at_most(cum: Tensor, mu: float) -> Tensor:
     return torch.searchsorted(cum, cum.new_full((cum.shape[0], 1), mu), right=True)
 
 
-def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
+def _head_of_candidates(loc, z, p, f, z_max, mu, heads: Heads, todo) -> Tensor:
     """Head of rows given every token above a threshold whose mass exceeds mu, flat.
 
-    loc (M,): row (in todo) of each candidate, ascending; z, p (double), e = |p - q|: theirs.
+    loc (M,): row (in todo) of each candidate, ascending; z, p (double), f (flat index): theirs.
     The same as a sort of the candidates, without it: a fine histogram of z_max - z
     (_FINE_WIDTH nats) gives each bucket's mass; the tokens of the buckets before the one where
     the cumulative mass first exceeds mu are the head, and only that boundary bucket's few
@@ -252,12 +309,12 @@ def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
     last = last.clamp_(max=nf - 1)
     m0 = torch.where(last > 0, cum.gather(-1, (last - 1).clamp_(min=0)), 0.0).squeeze(1)
     b_last = last.squeeze(1).index_select(0, loc)
-    before = (b < b_last).to(e.dtype)
-    n0 = torch.bincount(loc, weights=before, minlength=r)
-    g0 = torch.bincount(loc, weights=before.mul_(e), minlength=r)
+    before = b < b_last
+    n0 = torch.bincount(loc, weights=before.to(p.dtype), minlength=r)
+    loc_all, f_all = loc, f
     # the boundary bucket's tokens, sorted per row ((r, k) padded with -inf)
     at = (b == b_last).nonzero().squeeze(1)
-    loc, z, p, e = (x.index_select(0, at) for x in (loc, z, p, e))
+    loc, z, p, f = (x.index_select(0, at) for x in (loc, z, p, f))
     count = torch.bincount(loc, minlength=r)
     k = max(int(count.max()) if loc.numel() else 0, 1)
     pos = (
@@ -275,30 +332,28 @@ def _head_of_candidates(loc, z, p, e, z_max, mu, g_head, size, todo) -> Tensor:
     p_s = (
         torch.zeros(r * k, dtype=p.dtype, device=p.device).index_copy_(0, pos, p).view(r, k).gather(-1, order)
     )
-    e_s = (
-        torch.zeros(r * k, dtype=e.dtype, device=e.device).index_copy_(0, pos, e).view(r, k).gather(-1, order)
-    )
+    f_s = torch.zeros(r * k, dtype=f.dtype, device=f.device).index_copy_(0, pos, f).view(r, k).gather(-1, order)
     c = p_s.cumsum(-1) + m0[:, None]
     head = (c <= mu) & ~pad
     head[:, 0] |= n0 == 0  # the top-1 token is always in the head
     done = ok & ((c > mu) & ~pad).any(-1)
-    sel = todo[done]
-    g_head[sel] = (g0 + torch.where(head, e_s, 0.0).sum(-1))[done].to(g_head.dtype)
-    size[sel] = (n0 + head.sum(-1))[done].to(size.dtype)
+    heads.add(f_all[before & done.index_select(0, loc_all)])
+    heads.add(f_s[head & done[:, None]])
+    heads.size[todo[done]] = (n0 + head.sum(-1))[done].to(heads.size.dtype)
     return done
 
 
-def _head_from_blocks(rows, mu, g_head, size, todo, bmax, blocks: int, keep: int) -> Tensor:
-    """One stage of head_gap over rows ``todo``, candidates from the top ``blocks`` blocks."""
+def _head_from_blocks(rows, mu, heads: Heads, todo, bmax, blocks: int, keep: int) -> Tensor:
+    """One stage of head_tokens over rows ``todo``, candidates from the top ``blocks`` blocks."""
     top_b, bidx = bmax.topk(blocks + 1, dim=-1)  # (R, blocks + 1)
     # top_b[:, -1:]: the largest logit outside the candidate blocks
-    return _head_of_blocks(rows, mu, g_head, size, todo, bidx[:, :-1], top_b[:, -1:], keep)
+    return _head_of_blocks(rows, mu, heads, todo, bidx[:, :-1], top_b[:, -1:], keep)
 
 
 def _head_from_pyramid(
-    rows: HeadRows, mu: float, g_head: Tensor, size: Tensor, todo: Tensor, bmax: Tensor
+    rows: HeadRows, mu: float, heads: Heads, todo: Tensor, bmax: Tensor
 ) -> Tensor:
-    """Stage of head_gap for short heads at large V: the blocks of 8 are grouped into blocks of 64
+    """Stage of head_tokens for short heads at large V: the blocks of 8 are grouped into blocks of 64
     (``block_max`` of the block maxima: block J holds the blocks J, J + nb64, ...), the best
     _PYRAMID_BLOCKS blocks of 8 are found among those of the best _PYRAMID_BLOCKS blocks of 64,
     and their tokens are the candidates (``_head_of_blocks``). Every token outside them is at
@@ -325,11 +380,11 @@ def _head_from_pyramid(
     top8, j8 = top8.topk(_PYRAMID_BLOCKS + 1, dim=-1)
     bound = torch.maximum(top64[:, -1:], top8[:, -1:])
     blocks = groups.gather(-1, j8[:, :-1])
-    done[can] = _head_of_blocks(rows, mu, g_head, size, sub, blocks, bound, _PYRAMID_KEEP)
+    done[can] = _head_of_blocks(rows, mu, heads, sub, blocks, bound, _PYRAMID_KEEP)
     return done
 
 
-def _head_of_blocks(rows, mu, g_head, size, todo, bidx: Tensor, bound: Tensor, keep: int) -> Tensor:
+def _head_of_blocks(rows, mu, heads: Heads, todo, bidx: Tensor, bound: Tensor, keep: int) -> Tensor:
     """Settle the rows ``todo`` from the tokens of the candidate blocks ``bidx`` (R, blocks), every
     other token's logit being at most ``bound`` (R, 1); returns the mask of rows settled."""
     v = rows.z_t.shape[1]
@@ -343,8 +398,7 @@ def _head_of_blocks(rows, mu, g_head, size, todo, bidx: Tensor, bound: Tensor, k
     flat = flat.gather(-1, order)
     pad = cand == -math.inf
     p_c = rows.p_at(flat, cand, todo[:, None]).masked_fill_(pad, 0.0)
-    e_c = take(rows.qp, flat).abs_().masked_fill_(pad, 0.0)
-    return _head_of_sorted(p_c, e_c, mu, g_head, size, todo, cand > bound)
+    return _head_of_sorted(p_c, flat, mu, heads, todo, cand > bound)
 
 
 def head_gap_by_sort(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor]:
@@ -352,13 +406,15 @@ def head_gap_by_sort(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor]:
 
     p, q: (R, V) probabilities. The reference ``head_gap`` is tested against.
     """
-    return head_by_sort(p, (p - q).abs(), mu)
+    idx, head = head_by_sort(p, mu)
+    g_head = torch.where(head, (p - q).abs().gather(-1, idx), 0.0).sum(-1)
+    return g_head, head.sum(-1).to(p.dtype)
 
 
-def head_by_sort(p: Tensor, e: Tensor, mu: float) -> tuple[Tensor, Tensor]:
-    """``head_gap_by_sort`` given e = |p - q| (R, V) instead of q: ``head_gap``'s last stage."""
+def head_by_sort(p: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """(idx, head): the columns of p (R, V) sorted by p descending, and which of them are the head
+    (the prefix with c_i <= mu, and the top-1 token always): ``head_tokens``' last stage."""
     p_sorted, idx = p.sort(-1, descending=True)
     head = p_sorted.cumsum(-1) <= mu
     head[:, 0] = True  # the top-1 token is always in the head (covers p_top1 > mu)
-    g_head = torch.where(head, e.gather(-1, idx), 0.0).sum(-1)
-    return g_head, head.sum(-1).to(p.dtype)
+    return idx, head

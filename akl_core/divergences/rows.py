@@ -18,7 +18,7 @@ from torch import Tensor
 
 from akl_core.divergences import definitions
 from akl_core.divergences.definitions import head_weight
-from akl_core.divergences.head import block_max, head_gap, n_blocks, take
+from akl_core.divergences.head import block_max, head_gap, head_tokens, n_blocks, row_sums_at, take
 from akl_core.divergences.options import DivergenceOptions
 
 if TYPE_CHECKING:
@@ -220,14 +220,14 @@ def _akl_parts_safe(rows: Rows, mu: float, out: Tensor | None, swap: bool):
 
 
 class GroupRows:
-    """What AKL's head search (``head.head_gap``) reads of a group of chunks: q - p kept for the
-    group's rows, per row max(p), the teacher's log-normaliser and block maxima (the fields of a
-    ``Rows`` it reads), and the teacher's logits z_t untempered, with T: the few tokens the
-    search looks at are tempered as they are gathered (the same values as the chunks' ``tempered``),
-    and their p is exp(z_t / T - lse_t), not read from a kept p."""
+    """What AKL's head search (``head.head_tokens``) reads of a group of chunks, from the teacher
+    alone: per row max(p), the log-normaliser and the block maxima (the fields of a ``Rows`` it
+    reads), and the teacher's logits z_t untempered, with T: the few tokens the search looks at
+    are tempered as they are gathered (the same values as the chunks' ``tempered``), and their p
+    is exp(z_t / T - lse_t), not read from a kept p."""
 
-    def __init__(self, z_t: Tensor, t: float, qp: Tensor, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
-        self.z_t, self.t, self.qp = z_t, t, qp
+    def __init__(self, z_t: Tensor, t: float, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
+        self.z_t, self.t = z_t, t
         self.p_max, self.lse_t, self.bmax, self.ws = p_max, lse_t, bmax, ws
 
     def _tempered(self, z: Tensor) -> Tensor:
@@ -244,6 +244,23 @@ class GroupRows:
         return torch.softmax(self._tempered(self.z_t[rows]), -1)
 
 
+def _teacher_pass(teacher: Tensor, t: float, sub_rows: int, ws: Workspace, inner: Workspace):
+    """Per row of a group: (lse_t, max p, block maxima) of the tempered teacher logits, a chunk
+    of ``sub_rows`` rows at a time (the head search's inputs, before any student value)."""
+    g, v = teacher.shape
+    bmax = ws.get("bmax", g, tail=(n_blocks(v),))
+    lse_t, p_max = bmax.new_empty((2, g)).unbind(0)
+    for a in range(0, g, sub_rows):
+        b = min(a + sub_rows, g)
+        z_t = tempered(teacher[a:b], t, inner, "z_t")
+        m = block_max(z_t, out=bmax[a:b]).amax(-1)
+        # sum of exp(z - max): one exp pass (a softmax and its max measured 2x slower)
+        s = torch.sub(z_t, m[:, None], out=inner.get("e", b - a)).exp_().sum(-1)
+        torch.reciprocal(s, out=p_max[a:b])  # max p = exp(max - lse)
+        torch.add(s.log_(), m, out=lse_t[a:b])
+    return lse_t, p_max, bmax
+
+
 def akl_group(
     student: Tensor,
     teacher: Tensor,
@@ -256,44 +273,66 @@ def akl_group(
 ) -> tuple[Tensor, dict[str, Tensor]] | None:
     """AKL (AKL-r: swap) over a group of G rows of logits at temperature t, the same as
     ``_akl_parts`` on the tempered rows, with the element-wise passes in chunks of ``sub_rows`` rows
-    (each tempered into a chunk buffer) and one head search for the group.
+    and one head search for the group.
 
-    On CPU a chunk's (rows, V) buffers stay in cache only when it is small (~10 rows at V =
+    On CPU a chunk's (rows, V) buffers stay in cache only when it is small (a few rows at V =
     49152), while the head search is a few dozen small ops whatever its rows, so it pays per
-    group. The chunks write what the gradient and the head search need into group buffers: q - p
-    (FKL's gradient, into ``out``), W = q (d + rkl) (minus RKL's gradient), the block maxima;
-    then ``out`` becomes (w_f (q - p) - w_r W) / t in place: the gradient wrt the untempered
-    logits. Returns (loss (G,), stats {name: (G,)}), or
-    None when a chunk's sums hold a NaN (-inf logits: redo the group with the guarded formulas).
+    group. The head depends on the teacher alone, so it comes first:
+
+    1. the teacher pass (``_teacher_pass``): per chunk, the block maxima and lse_t;
+    2. the head search of the group (``head.head_tokens``): its head tokens, by flat index;
+    3. the chunk pass: per chunk, both softmaxes, the FKL, RKL and |p - q| sums, g_head (a
+       gather of |p - q| at the chunk's head tokens), the weights, and the gradient
+       (w_f (q - p) - w_r q (d + rkl)) / t written once into ``out``, wrt the untempered logits.
+
+    No (G, V) buffer is kept between passes. Returns (loss (G,), stats {name: (G,)}), or None when
+    the teacher's normaliser or a chunk's sums hold a NaN or an inf (-inf logits: redo the group
+    with the guarded formulas; ``out`` is then rewritten whole).
     """
     g, v = student.shape
     inner = ws.sub(sub_rows)
-    qp_all = out if out is not None else ws.get("qp", g)
-    w_all = ws.get("w", g) if out is not None else None
-    nb = n_blocks(v)
-    bmax = ws.get("bmax", g, tail=(nb,))
-    fkl, rkl, gap, p_max, lse_t = qp_all.new_empty((5, g)).unbind(0)
-    for a in range(0, g, sub_rows):
-        b = min(a + sub_rows, g)
-        z_s, z_t = tempered(student[a:b], t, inner, "z_s"), tempered(teacher[a:b], t, inner, "z_t")
-        rows = Rows(z_s, z_t, False, inner, blocks=True)
-        assert rows.bmax is not None
-        bmax[a:b] = rows.bmax
-        fkl[a:b] = rows.fkl()
-        qd = torch.mul(rows.q, rows.delta, out=rows.buf("xd") if w_all is None else w_all[a:b])
-        rkl_c = -(qd.sum(-1) + rows.c * rows.q.sum(-1))  # rows.rkl(), keeping q delta
-        rkl[a:b] = rkl_c
-        gap[a:b] = rows.l1(rows.q_minus_p(qp_all[a:b]))
-        if w_all is not None:  # q (d + rkl) = q delta + q (c + rkl)
-            qd.addcmul_(rows.q, (rows.c + rkl_c)[:, None])
-        p_max[a:b], lse_t[a:b] = rows.p_max, rows.lse_t
-    if bool(torch.stack((fkl, rkl, gap)).isnan().any()):
+    lse_t, p_max, bmax = _teacher_pass(teacher, t, sub_rows, ws, inner)
+    if not bool(lse_t.isfinite().all()):
         return None
-    g_head, size = head_gap(GroupRows(teacher, t, qp_all, p_max, lse_t, bmax, ws), mu)
-    w_f, w_r, stats = _akl_weights(fkl, rkl, gap, g_head, size, swap)
-    if out is not None and w_all is not None:  # w_f (q - p) + w_r (-W)
-        out.mul_((w_f / t)[:, None]).addcmul_(w_all, (w_r / -t)[:, None])
-    return w_f * fkl + w_r * rkl, stats
+    heads = head_tokens(GroupRows(teacher, t, p_max, lse_t, bmax, ws), mu)
+    size = heads.size
+    starts = list(range(0, g, sub_rows))
+    chunk_heads = heads.by_rows(v, [*starts, g])
+    parts = lse_t.new_empty((8, g))
+    loss, fkl, rkl, gap, g_head, g_tail, w_head = parts[:7].unbind(0)
+    inv_t = 1.0 / t
+    for a, head_flat in zip(starts, chunk_heads, strict=True):
+        b = min(a + sub_rows, g)
+        r = b - a
+        z_s = tempered(student[a:b], t, inner, "z_s")
+        # log q, then q: as fast as a softmax and the two maxima its lse would need
+        lq = torch.log_softmax(z_s, -1, out=inner.get("lq", r))
+        q = torch.exp(lq, out=inner.get("q", r))
+        if t == 1.0:  # log p = z_t / T - lse_t
+            d = torch.sub(teacher[a:b], lse_t[a:b, None], out=inner.get("d", r))
+        else:
+            d = torch.add(lse_t[a:b, None].neg(), teacher[a:b], alpha=inv_t, out=inner.get("d", r))
+        p = torch.exp(d, out=inner.get("p", r))
+        d.sub_(lq)  # d = log p - log q
+        x = inner.get("x", r)
+        torch.sum(torch.mul(p, d, out=x), -1, out=fkl[a:b])
+        qd = torch.mul(q, d, out=x)  # kept for the gradient
+        torch.sum(qd, -1, out=rkl[a:b]).neg_()
+        qp = torch.sub(q, p, out=inner.get("qp", r))
+        g_head[a:b] = row_sums_at(qp, head_flat - a * v)
+        torch.sum(torch.abs(qp, out=x if out is None else inner.get("abs", r)), -1, out=gap[a:b])
+        stats = _head_stats(gap[a:b], g_head[a:b], size[a:b])
+        g_tail[a:b], w_head[a:b] = stats["g_tail"], stats["w_head"]
+        w_f = 1.0 - w_head[a:b] if swap else w_head[a:b]
+        w_r = 1.0 - w_f
+        torch.add(w_f * fkl[a:b], w_r * rkl[a:b], out=loss[a:b])
+        if out is not None:
+            # (w_f (q - p) - w_r (q d + rkl q)) / t, in three passes over the chunk
+            o = torch.mul(qp, (w_f * inv_t)[:, None], out=out[a:b])
+            o.addcmul_(qd, (w_r * -inv_t)[:, None]).addcmul_(q, (w_r * rkl[a:b] * -inv_t)[:, None])
+    if not bool(parts[:4].isfinite().all()):
+        return None
+    return loss, {"fkl": fkl, "rkl": rkl, "g_head": g_head, "g_tail": g_tail, "w_head": w_head, "head_size": size}
 
 
 def _fkl(rows: Rows, opts: DivergenceOptions, out: Tensor | None):

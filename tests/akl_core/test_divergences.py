@@ -149,8 +149,8 @@ def _stage_log(monkeypatch) -> dict[str, int]:
         head.head_by_sort,
     )
 
-    def spy_one(rows, mu, g_head, size, bmax):
-        todo = one(rows, mu, g_head, size, bmax)
+    def spy_one(rows, mu, heads, bmax):
+        todo = one(rows, mu, heads, bmax)
         settled["top1"] += rows.p.shape[0] - todo.numel()
         return todo
 
@@ -169,9 +169,9 @@ def _stage_log(monkeypatch) -> dict[str, int]:
         settled["buckets"] += int(done.sum())
         return done
 
-    def spy_sorted(p, e, mu):
+    def spy_sorted(p, mu):
         settled["sort"] += p.shape[0]
-        return by_sort(p, e, mu)
+        return by_sort(p, mu)
 
     monkeypatch.setattr(head, "_head_of_one", spy_one)
     monkeypatch.setattr(head, "_head_from_blocks", spy_blocks)

@@ -123,7 +123,10 @@ def test_grouped_and_per_chunk_paths_agree(monkeypatch, name, temperature, dtype
     chunk_out, chunk_grad = run()
     torch.testing.assert_close(grouped_out.loss, chunk_out.loss, rtol=1e-6, atol=1e-6)
     if dtype == torch.float32:
-        torch.testing.assert_close(grouped_grad, chunk_grad, rtol=1e-5, atol=1e-9)
+        # the group takes p = exp(z_t / T - lse_t) (lse_t from its teacher pass), the chunk path a
+        # softmax: a few fp32 roundings apart (each is held to the float64 reference above)
+        scale = chunk_grad.abs().max().item()
+        torch.testing.assert_close(grouped_grad, chunk_grad, rtol=1e-5, atol=2e-6 * scale)
     else:  # the gradient is returned in bf16: one rounding apart at most
         torch.testing.assert_close(grouped_grad.float(), chunk_grad.float(), rtol=1e-2, atol=1e-6)
     assert grouped_out.stats == pytest.approx(chunk_out.stats, rel=1e-6, abs=1e-7)
