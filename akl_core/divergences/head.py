@@ -2,9 +2,11 @@
 
 The definition (docs/method.md): sort p descending, cumulative sums c_i; token i is in the head
 when c_i <= mu, and the top-1 token always is. ``head_gap_by_sort`` is that definition, plainly.
-``head_gap`` is the same as ``head_gap_by_sort``, without the sort of the whole vocabulary: the
-head is a prefix of the sorted p, so it is enough to sort (or bucket) the few tokens that can
-precede the boundary (tests/akl_core/test_divergences.py compares the two row by row).
+``head_tokens`` finds the same heads without the sort of the whole vocabulary: the head is a
+prefix of the sorted p, so it is enough to sort (or bucket) the few tokens that can precede the
+boundary. It reads the teacher alone and returns the head tokens by flat index, so a caller can
+find the heads before it has the student's q (``rows.akl_group``); ``head_gap`` sums |p - q|
+over them (tests/akl_core/test_divergences*.py compare these with the sort row by row).
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def head_tokens(rows: HeadRows, mu: float) -> Heads:
     return heads
 
 
-def head_gap(rows: HeadRows, mu: float) -> tuple[Tensor, Tensor]:
+def head_gap(rows: Rows, mu: float) -> tuple[Tensor, Tensor]:
     """(g_head, head_size) per row: the same as ``head_gap_by_sort(rows.p, rows.q, mu)``
     (``head_tokens``, then |p - q| = |rows.qp| summed over them)."""
     heads = head_tokens(rows, mu)
@@ -219,9 +221,7 @@ def _head_of_sorted(p_top, f_top, mu, heads: Heads, rows_idx, exact) -> Tensor:
     return done
 
 
-def _head_from_threshold(
-    rows: HeadRows, mu: float, heads: Heads, todo: Tensor, bmax: Tensor
-) -> Tensor:
+def _head_from_threshold(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, bmax: Tensor) -> Tensor:
     """Stage of head_tokens for flat rows: a logit threshold from the block maxima, then only the
     tokens above it (``_head_of_candidates``).
 
@@ -249,27 +249,32 @@ def _head_from_threshold(
     # rounding (any tau gives the same head: its tokens are a prefix of the sorted row, and a row
     # whose prefix holds mass <= mu is not settled here); rows not ok get none
     tau = (z_max - (last + 2) * _BUCKET_WIDTH).squeeze(1).masked_fill_(~ok, math.inf)
-    # the candidates: the tokens with z >= tau of the blocks with b >= tau (flat, row by row)
+    # the candidates: the tokens with z >= tau of the blocks with b >= tau (flat, row by row).
+    # z_t may be untempered (rows.t): z / T >= tau is z >= tau T, up to rounding, and any
+    # threshold will do (the tokens above it are still a prefix of the sorted row)
+    tau_raw = tau * rows.t
     above = bm >= tau[:, None]  # the blocks holding the candidates
     if int(torch.count_nonzero(above)) * _BLOCK * _COMPARE_OVER_GATHER > r * v:
         # flat rows: one compare over them is cheaper than gathering the blocks' tokens
         z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
-        # z_t may be untempered (rows.t): z / T >= tau is z >= tau T, up to rounding, and any
-        # threshold will do (the tokens above it are still a prefix of the sorted row)
-        at = (z_r >= (tau * rows.t)[:, None]).view(-1).nonzero().squeeze(1)  # flat in z_r
+        mask = torch.ge(z_r, tau_raw[:, None], out=rows.ws.get("above", r, torch.bool))
+        at = mask.view(-1).nonzero().squeeze(1)  # flat in z_r
         loc = at // v
-        flat = at if r == rows.z_t.shape[0] else todo.index_select(0, loc) * v + (at - loc * v)
-        z = rows.z_take(flat)
+        flat = (
+            at
+            if r == rows.z_t.shape[0]
+            else at + ((todo - torch.arange(r, device=todo.device)) * v).index_select(0, loc)
+        )
+        z = take(rows.z_t, flat)
     else:
         loc, blk = _nonzero_2d(above)  # (Mb,) row in todo, block
         cols = block_cols(blk, v)  # (Mb, _BLOCK)
         flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
-        z = rows.z_take(flat)
-        keep = ((z >= tau.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
+        z = take(rows.z_t, flat)
+        keep = ((z >= tau_raw.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
         loc = loc.index_select(0, keep // _BLOCK)
         flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
-    flat_p = rows.p_at(flat, z, todo.index_select(0, loc))
-    return ok & _head_of_candidates(loc, z, flat_p.double(), flat, bm.amax(-1), mu, heads, todo)
+    return ok & _head_of_candidates(rows, todo, loc, flat, z, bm.amax(-1), tau, mu, heads)
 
 
 def take(x: Tensor, flat: Tensor) -> Tensor:
@@ -289,32 +294,41 @@ def _count_at_most(cum: Tensor, mu: float) -> Tensor:
     return torch.searchsorted(cum, cum.new_full((cum.shape[0], 1), mu), right=True)
 
 
-def _head_of_candidates(loc, z, p, f, z_max, mu, heads: Heads, todo) -> Tensor:
+def _head_of_candidates(rows: HeadRows, todo, loc, flat, z, z_max, tau, mu, heads: Heads) -> Tensor:
     """Head of rows given every token above a threshold whose mass exceeds mu, flat.
 
-    loc (M,): row (in todo) of each candidate, ascending; z, p (double), f (flat index): theirs.
-    The same as a sort of the candidates, without it: a fine histogram of z_max - z
-    (_FINE_WIDTH nats) gives each bucket's mass; the tokens of the buckets before the one where
-    the cumulative mass first exceeds mu are the head, and only that boundary bucket's few
-    tokens are sorted and cut by the cumulative rule. Returns the rows settled.
+    loc (M,): row (in todo) of each candidate, ascending; flat: its flat index; z: its logit as
+    stored in rows.z_t (untempered when rows.t != 1); z_max, tau: per row of todo, the largest
+    tempered logit and the threshold (tempered). The same as a sort of the candidates, without
+    it: a fine histogram of z_max - z / T (_FINE_WIDTH nats) gives each bucket's mass; the
+    tokens of the buckets before the one where the cumulative mass first exceeds mu are the head,
+    and only that boundary bucket's few tokens are sorted and cut by the cumulative rule.
+    Each op here runs over all M candidates (~1600 per row of real logits at T = 2), so they are
+    kept few. Returns the rows settled.
     """
-    r = todo.numel()
-    b = (z_max.index_select(0, loc) - z).mul_(1.0 / _FINE_WIDTH)
-    # as many buckets as the candidates span (a few nats at T = 2: ~1/4 of _NFINE), the last open
-    nf = min(_NFINE, int(b.max()) + 2) if b.numel() else 1
-    b = b.clamp_(0, nf - 1).to(torch.long)
-    cum = torch.bincount(loc * nf + b, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
+    r, t = todo.numel(), rows.t
+    scale = 1.0 / _FINE_WIDTH
+    # as many buckets as the candidates span (a few nats at T = 2), a margin for rounding
+    span = ((z_max - tau) * scale).masked_fill_(~tau.isfinite(), 0.0)
+    nf = int(span.max()) + 3 if r else 1
+    # bucket id, offset by row: floor(row nf + 0.5 + (z_max - z / T) / _FINE_WIDTH), one op
+    # from the stored logits (monotone in z, so the buckets are ranges of the sorted row)
+    zo = z_max * scale + torch.arange(r, dtype=z_max.dtype, device=z_max.device) * nf + 0.5
+    ids = torch.sub(zo.index_select(0, loc), z, alpha=scale / t).to(torch.long)
+    p = rows.p_double(flat, z, loc, todo)
+    cum = torch.bincount(ids, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
     last = _count_at_most(cum, mu)  # (r, 1) the boundary bucket
     ok = (last < nf).squeeze(1)
     last = last.clamp_(max=nf - 1)
     m0 = torch.where(last > 0, cum.gather(-1, (last - 1).clamp_(min=0)), 0.0).squeeze(1)
-    b_last = last.squeeze(1).index_select(0, loc)
-    before = b < b_last
-    n0 = torch.bincount(loc, weights=before.to(p.dtype), minlength=r)
-    loc_all, f_all = loc, f
+    n0 = torch.bincount(ids, minlength=r * nf).view(r, nf).cumsum(-1)
+    n0 = torch.where(last > 0, n0.gather(-1, (last - 1).clamp_(min=0)), 0).squeeze(1)
+    id_last = (last.squeeze(1) + torch.arange(0, r * nf, nf, device=loc.device)).index_select(0, loc)
+    before = ids < id_last
+    loc_all, flat_all = loc, flat
     # the boundary bucket's tokens, sorted per row ((r, k) padded with -inf)
-    at = (b == b_last).nonzero().squeeze(1)
-    loc, z, p, f = (x.index_select(0, at) for x in (loc, z, p, f))
+    at = (ids == id_last).nonzero().squeeze(1)
+    loc, z, p, f = (x.index_select(0, at) for x in (loc, z, p, flat))
     count = torch.bincount(loc, minlength=r)
     k = max(int(count.max()) if loc.numel() else 0, 1)
     pos = (
@@ -324,7 +338,7 @@ def _head_of_candidates(loc, z, p, f, z_max, mu, heads: Heads, todo) -> Tensor:
     )
     z_s, order = (
         torch.full((r * k,), -math.inf, device=z.device)
-        .index_copy_(0, pos, z)
+        .index_copy_(0, pos, z.float())
         .view(r, k)
         .sort(-1, descending=True)
     )
@@ -332,12 +346,14 @@ def _head_of_candidates(loc, z, p, f, z_max, mu, heads: Heads, todo) -> Tensor:
     p_s = (
         torch.zeros(r * k, dtype=p.dtype, device=p.device).index_copy_(0, pos, p).view(r, k).gather(-1, order)
     )
-    f_s = torch.zeros(r * k, dtype=f.dtype, device=f.device).index_copy_(0, pos, f).view(r, k).gather(-1, order)
+    f_s = (
+        torch.zeros(r * k, dtype=f.dtype, device=f.device).index_copy_(0, pos, f).view(r, k).gather(-1, order)
+    )
     c = p_s.cumsum(-1) + m0[:, None]
     head = (c <= mu) & ~pad
     head[:, 0] |= n0 == 0  # the top-1 token is always in the head
     done = ok & ((c > mu) & ~pad).any(-1)
-    heads.add(f_all[before & done.index_select(0, loc_all)])
+    heads.add(flat_all[before] if bool(done.all()) else flat_all[before & done.index_select(0, loc_all)])
     heads.add(f_s[head & done[:, None]])
     heads.size[todo[done]] = (n0 + head.sum(-1))[done].to(heads.size.dtype)
     return done
@@ -350,9 +366,7 @@ def _head_from_blocks(rows, mu, heads: Heads, todo, bmax, blocks: int, keep: int
     return _head_of_blocks(rows, mu, heads, todo, bidx[:, :-1], top_b[:, -1:], keep)
 
 
-def _head_from_pyramid(
-    rows: HeadRows, mu: float, heads: Heads, todo: Tensor, bmax: Tensor
-) -> Tensor:
+def _head_from_pyramid(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, bmax: Tensor) -> Tensor:
     """Stage of head_tokens for short heads at large V: the blocks of 8 are grouped into blocks of 64
     (``block_max`` of the block maxima: block J holds the blocks J, J + nb64, ...), the best
     _PYRAMID_BLOCKS blocks of 8 are found among those of the best _PYRAMID_BLOCKS blocks of 64,

@@ -102,6 +102,10 @@ class Rows:
         """p at the flat indices ``flat`` (whose logits z_t are ``z``, rows ``row``)."""
         return take(self.p, flat)
 
+    def p_double(self, flat: Tensor, z: Tensor, loc: Tensor, todo: Tensor) -> Tensor:
+        """p in float64 at the flat indices ``flat`` (logits ``z``, rows todo[loc])."""
+        return take(self.p, flat).double()
+
     def p_rows(self, rows: Tensor) -> Tensor:
         return self.p[rows]
 
@@ -240,6 +244,11 @@ class GroupRows:
     def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
         return (z - self.lse_t[row]).exp_()
 
+    def p_double(self, flat: Tensor, z: Tensor, loc: Tensor, todo: Tensor) -> Tensor:
+        """exp(z / T - lse_t) in float64 at untempered logits ``z`` of rows todo[loc]."""
+        neg_lse = self.lse_t.index_select(0, todo).double().neg_()
+        return torch.add(neg_lse.index_select(0, loc), z, alpha=1.0 / self.t).exp_()
+
     def p_rows(self, rows: Tensor) -> Tensor:
         return torch.softmax(self._tempered(self.z_t[rows]), -1)
 
@@ -298,8 +307,8 @@ def akl_group(
     size = heads.size
     starts = list(range(0, g, sub_rows))
     chunk_heads = heads.by_rows(v, [*starts, g])
-    parts = lse_t.new_empty((8, g))
-    loss, fkl, rkl, gap, g_head, g_tail, w_head = parts[:7].unbind(0)
+    parts = lse_t.new_empty((7, g))
+    loss, fkl, rkl, gap, g_head, g_tail, w_head = parts.unbind(0)
     inv_t = 1.0 / t
     for a, head_flat in zip(starts, chunk_heads, strict=True):
         b = min(a + sub_rows, g)
@@ -332,7 +341,14 @@ def akl_group(
             o.addcmul_(qd, (w_r * -inv_t)[:, None]).addcmul_(q, (w_r * rkl[a:b] * -inv_t)[:, None])
     if not bool(parts[:4].isfinite().all()):
         return None
-    return loss, {"fkl": fkl, "rkl": rkl, "g_head": g_head, "g_tail": g_tail, "w_head": w_head, "head_size": size}
+    return loss, {
+        "fkl": fkl,
+        "rkl": rkl,
+        "g_head": g_head,
+        "g_tail": g_tail,
+        "w_head": w_head,
+        "head_size": size,
+    }
 
 
 def _fkl(rows: Rows, opts: DivergenceOptions, out: Tensor | None):
