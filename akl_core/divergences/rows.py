@@ -255,16 +255,21 @@ class GroupRows:
 
 def _teacher_pass(teacher: Tensor, t: float, sub_rows: int, ws: Workspace, inner: Workspace):
     """Per row of a group: (lse_t, max p, block maxima) of the tempered teacher logits, a chunk
-    of ``sub_rows`` rows at a time (the head search's inputs, before any student value)."""
+    of ``sub_rows`` rows at a time (the head search's inputs, before any student value).
+
+    No tempered copy: the block maxima of z / T are those of z, divided by T (division by T > 0
+    is monotone, so it rounds them as tempering each token would), and z / T - max is one op.
+    """
     g, v = teacher.shape
     bmax = ws.get("bmax", g, tail=(n_blocks(v),))
     lse_t, p_max = bmax.new_empty((2, g)).unbind(0)
     for a in range(0, g, sub_rows):
         b = min(a + sub_rows, g)
-        z_t = tempered(teacher[a:b], t, inner, "z_t")
-        m = block_max(z_t, out=bmax[a:b]).amax(-1)
-        # sum of exp(z - max): one exp pass (a softmax and its max measured 2x slower)
-        s = torch.sub(z_t, m[:, None], out=inner.get("e", b - a)).exp_().sum(-1)
+        z = teacher[a:b]
+        m = torch.div(block_max(z), t, out=bmax[a:b]).amax(-1)
+        # sum of exp(z / T - max): one exp pass (a softmax and its max measured 2x slower)
+        e = torch.add(m.neg()[:, None], z, alpha=1.0 / t, out=inner.get("e", b - a))
+        s = e.exp_().sum(-1)
         torch.reciprocal(s, out=p_max[a:b])  # max p = exp(max - lse)
         torch.add(s.log_(), m, out=lse_t[a:b])
     return lse_t, p_max, bmax
@@ -300,7 +305,9 @@ def akl_group(
     """
     g, v = student.shape
     inner = ws.sub(sub_rows)
-    lse_t, p_max, bmax = _teacher_pass(teacher, t, sub_rows, ws, inner)
+    # the teacher pass keeps 1 (rows, V) buffer live, not ~7: chunks of half the rows measured
+    # ~15 % faster (they stay in a 2 MiB L2; real logits, V = 49152)
+    lse_t, p_max, bmax = _teacher_pass(teacher, t, max(1, sub_rows // 2), ws, inner)
     if not bool(lse_t.isfinite().all()):
         return None
     heads = head_tokens(GroupRows(teacher, t, p_max, lse_t, bmax, ws), mu)
@@ -317,10 +324,8 @@ def akl_group(
         # log q, then q: as fast as a softmax and the two maxima its lse would need
         lq = torch.log_softmax(z_s, -1, out=inner.get("lq", r))
         q = torch.exp(lq, out=inner.get("q", r))
-        if t == 1.0:  # log p = z_t / T - lse_t
-            d = torch.sub(teacher[a:b], lse_t[a:b, None], out=inner.get("d", r))
-        else:
-            d = torch.add(lse_t[a:b, None].neg(), teacher[a:b], alpha=inv_t, out=inner.get("d", r))
+        # log p = z_t / T - lse_t, one op (as in the teacher pass)
+        d = torch.add(lse_t[a:b, None].neg(), teacher[a:b], alpha=inv_t, out=inner.get("d", r))
         p = torch.exp(d, out=inner.get("p", r))
         d.sub_(lq)  # d = log p - log q
         x = inner.get("x", r)
