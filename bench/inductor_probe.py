@@ -126,7 +126,8 @@ def probe(s: torch.Tensor, t: torch.Tensor, temperature: float, rounds: int) -> 
         "compile_s": compile_s,
         "best_s": {k: min(v) for k, v in times.items()},
         "median_ratio_to_eager_fkl": {
-            k: statistics.median(a / b for a, b in zip(v, times["eager_fkl"], strict=True)) for k, v in times.items()
+            k: statistics.median(a / b for a, b in zip(v, times["eager_fkl"], strict=True))
+            for k, v in times.items()
         },
     }
 
