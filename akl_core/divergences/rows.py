@@ -227,8 +227,8 @@ class GroupRows:
     """What AKL's head search (``head.head_tokens``) reads of a group of chunks, from the teacher
     alone: per row max(p), the log-normaliser and the block maxima (the fields of a ``Rows`` it
     reads), and the teacher's logits z_t untempered, with T: the few tokens the search looks at
-    are tempered as they are gathered (the same values as the chunks' ``tempered``), and their p
-    is exp(z_t / T - lse_t), not read from a kept p."""
+    are tempered as they are gathered, and their p is exp(z_t / T - lse_t), not read from a kept
+    p."""
 
     def __init__(self, z_t: Tensor, t: float, p_max: Tensor, lse_t: Tensor, bmax: Tensor, ws):
         self.z_t, self.t = z_t, t

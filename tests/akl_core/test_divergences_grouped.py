@@ -1,6 +1,7 @@
-"""AKL's grouped path (``rows.akl_group``): the element-wise passes in small chunks, one head search
-per group of chunks, the gradient finished in place. Against the float64 reference (the authors'
-sort), row by row, and against the per-chunk path; the dense and the fused entry points."""
+"""AKL's grouped path (``rows.akl_group``): a teacher pass, one head search per group of chunks
+from the teacher alone (``head.head_tokens``), then the element-wise passes in small chunks with
+the gradient written once. Against the float64 reference (the authors' sort), row by row, token
+by token for the heads, and against the per-chunk path; the dense and the fused entry points."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from akl_core import fused as fused_mod
 from akl_core.divergences import chunked, compute, head
+from akl_core.divergences import rows as rows_mod
 from akl_core.divergences.chunked import Workspace
 from akl_core.divergences.rows import akl_group
 from akl_core.fused import compute_fused
@@ -149,3 +151,72 @@ def test_fused_grouped_matches_unfused(grouped):
     torch.testing.assert_close(fused.loss, unfused.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
     assert fused.stats == pytest.approx(unfused.stats, rel=1e-5, abs=1e-6)
+
+
+def _sorted_heads(z_t: torch.Tensor, temperature: float, mu: float) -> list[set[int]]:
+    """Each row's head tokens (columns) by the definition: sort p (float64), keep c_i <= mu."""
+    idx, head_mask = head.head_by_sort(torch.softmax(z_t.double() / temperature, -1), mu)
+    return [set(idx[i][head_mask[i]].tolist()) for i in range(z_t.shape[0])]
+
+
+def _found_heads(heads: head.Heads, n: int, v: int) -> list[set[int]]:
+    flat = heads.flat()
+    found: list[set[int]] = [set() for _ in range(n)]
+    for f in flat.tolist():
+        assert f % v not in found[f // v], "a head token was recorded twice"
+        found[f // v].add(f % v)
+    return found
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("mu", [0.5, 0.9])
+@pytest.mark.parametrize("spread", [(0.3, 6.0), (3.0, 9.0)])
+def test_head_tokens_from_the_teacher_alone_are_the_sorts(temperature, mu, spread):
+    # every stage (top-1, pyramid, threshold, sort) records the tokens of the rows it settles;
+    # from untempered teacher logits only (no student value exists yet in akl_group)
+    _, t = _large_v(spread, seed=11)
+    n, v = t.shape
+    ws = Workspace(n, v, t.device)
+    lse, p_max, bmax = rows_mod._teacher_pass(t, temperature, 3, ws, ws.sub(3))
+    heads = head.head_tokens(rows_mod.GroupRows(t, temperature, p_max, lse, bmax, ws), mu)
+    found = _found_heads(heads, n, v)
+    want = _sorted_heads(t, temperature, mu)
+    assert found == want
+    assert heads.size.tolist() == [len(x) for x in want]
+    # the teacher pass's normaliser and max p, against float64
+    ref = torch.logsumexp(t.double() / temperature, -1)
+    torch.testing.assert_close(lse.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        p_max.double(), (t.double() / temperature - ref[:, None]).exp().amax(-1), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.parametrize("v", [600, head._TOPK_LAST + 1003])  # block stages; pyramid and threshold
+def test_head_tokens_of_a_chunk_are_the_sorts(v):
+    g = torch.Generator().manual_seed(2)
+    n = 30
+    t = torch.randn(n, v, generator=g) * torch.linspace(0.2, 8.0, n)[:, None]
+    t[::4, 5] += 12.0  # peaked rows (top-1)
+    s = t + torch.randn(n, v, generator=g)
+    ws = Workspace(n, v, t.device)
+    r = rows_mod.Rows(s, t, False, ws, blocks=True)
+    heads = head.head_tokens(r, 0.5)
+    assert _found_heads(heads, n, v) == _sorted_heads(t, 1.0, 0.5)
+    g_head, size = head.head_gap(r, 0.5)
+    ref_gap, ref_size = head.head_gap_by_sort(r.p.double(), r.q.double(), 0.5)
+    torch.testing.assert_close(size.double(), ref_size, rtol=0, atol=0)
+    torch.testing.assert_close(g_head.double(), ref_gap, rtol=1e-6, atol=1e-7)
+
+
+def test_heads_by_rows_splits_every_token_once_in_row_order():
+    # stages add row-ascending parts that interleave rows; by_rows cuts each part by binary search
+    v = 10
+    heads = head.Heads(7, torch.zeros(7))
+    heads.add(torch.tensor([3, 14, 15, 61]))  # rows 0, 1, 1, 6
+    heads.add(torch.tensor([[22, 27], [40, 49]]))  # rows 2, 2, 4, 4
+    heads.add(torch.tensor([], dtype=torch.long))  # a stage that settled no row
+    heads.add(torch.tensor([9, 33, 58]))  # rows 0, 3, 5
+    pieces = heads.by_rows(v, [0, 2, 5, 7])
+    assert [sorted(p.tolist()) for p in pieces] == [[3, 9, 14, 15], [22, 27, 33, 40, 49], [58, 61]]
+    assert sorted(heads.flat().tolist()) == [3, 9, 14, 15, 22, 27, 33, 40, 49, 58, 61]
+    assert [p.tolist() for p in head.Heads(3, torch.zeros(3)).by_rows(v, [0, 3])] == [[]]
