@@ -96,9 +96,7 @@ class Heads:
 
     def flat(self) -> Tensor:
         """Every head token found, by flat index (grouped by stage)."""
-        if not self.parts:
-            return torch.zeros(0, dtype=torch.long, device=self.size.device)
-        return torch.cat(self.parts)
+        return self._cat(self.parts)
 
     def by_rows(self, v: int, starts: list[int]) -> list[Tensor]:
         """The head tokens of the rows [starts[i], starts[i + 1]) for each i (the last start is
@@ -112,11 +110,9 @@ class Heads:
 
     def _cat(self, pieces: list[Tensor]) -> Tensor:
         pieces = [x for x in pieces if x.numel()]
-        if len(pieces) == 1:
-            return pieces[0]
         if not pieces:
             return torch.zeros(0, dtype=torch.long, device=self.size.device)
-        return torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def head_tokens(rows: HeadRows, mu: float) -> Heads:

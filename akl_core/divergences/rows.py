@@ -334,11 +334,9 @@ def akl_group(
         torch.sum(qd, -1, out=rkl[a:b]).neg_()
         qp = torch.sub(q, p, out=inner.get("qp", r))
         g_head[a:b] = row_sums_at(qp, head_flat - a * v)
-        torch.sum(torch.abs(qp, out=x if out is None else inner.get("abs", r)), -1, out=gap[a:b])
-        stats = _head_stats(gap[a:b], g_head[a:b], size[a:b])
+        torch.sum(torch.abs(qp, out=inner.get("abs", r)), -1, out=gap[a:b])
+        w_f, w_r, stats = _akl_weights(fkl[a:b], rkl[a:b], gap[a:b], g_head[a:b], size[a:b], swap)
         g_tail[a:b], w_head[a:b] = stats["g_tail"], stats["w_head"]
-        w_f = 1.0 - w_head[a:b] if swap else w_head[a:b]
-        w_r = 1.0 - w_f
         torch.add(w_f * fkl[a:b], w_r * rkl[a:b], out=loss[a:b])
         if out is not None:
             # (w_f (q - p) - w_r (q d + rkl q)) / t, in three passes over the chunk
