@@ -75,8 +75,8 @@ def head_search(t: torch.Tensor, temperature: float) -> None:
     inner = ws.sub(ROWS)
     for a in range(0, t.shape[0], GROUP):
         tg = t[a : a + GROUP]
-        lse, p_max, bmax = rows._teacher_pass(tg, temperature, ROWS, ws, inner)
-        head.head_tokens(rows.GroupRows(tg, temperature, p_max, lse, bmax, ws), 0.5)
+        lse, p_max, bmax, p = rows._teacher_pass(tg, temperature, ROWS, ws, inner)
+        head.head_tokens(rows.GroupRows(tg, temperature, p, p_max, lse, bmax, ws), 0.5)
 
 
 def probe(s: torch.Tensor, t: torch.Tensor, temperature: float, rounds: int) -> dict:

@@ -108,6 +108,20 @@ class Heads:
             for i in range(len(starts) - 1)
         ]
 
+    def by_chunks(self, v: int, starts: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Per chunk of rows [starts[i], starts[i + 1]) (the last start is the row count): its
+        head tokens as (flat index into the chunk's (rows, V) layout, row in the chunk), made
+        for all chunks at once so that a loop over the chunks gets them without an op."""
+        pieces = self.by_rows(v, starts)
+        flat = self._cat(pieces)
+        row = flat // v
+        first = torch.tensor(starts[:-1], device=flat.device)
+        a = first.index_select(0, torch.searchsorted(first, row, right=True) - 1)
+        local_row = row - a
+        local = flat - a * v
+        counts = [x.numel() for x in pieces]
+        return list(zip(local.split(counts), local_row.split(counts), strict=True))
+
     def _cat(self, pieces: list[Tensor]) -> Tensor:
         pieces = [x for x in pieces if x.numel()]
         if not pieces:

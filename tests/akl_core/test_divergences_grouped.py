@@ -177,8 +177,8 @@ def test_head_tokens_from_the_teacher_alone_are_the_sorts(temperature, mu, sprea
     _, t = _large_v(spread, seed=11)
     n, v = t.shape
     ws = Workspace(n, v, t.device)
-    lse, p_max, bmax = rows_mod._teacher_pass(t, temperature, 3, ws, ws.sub(3))
-    heads = head.head_tokens(rows_mod.GroupRows(t, temperature, p_max, lse, bmax, ws), mu)
+    lse, p_max, bmax, p = rows_mod._teacher_pass(t, temperature, 3, ws, ws.sub(3))
+    heads = head.head_tokens(rows_mod.GroupRows(t, temperature, p, p_max, lse, bmax, ws), mu)
     found = _found_heads(heads, n, v)
     want = _sorted_heads(t, temperature, mu)
     assert found == want
@@ -189,6 +189,8 @@ def test_head_tokens_from_the_teacher_alone_are_the_sorts(temperature, mu, sprea
     torch.testing.assert_close(
         p_max.double(), (t.double() / temperature - ref[:, None]).exp().amax(-1), rtol=1e-5, atol=0
     )
+    # and p, kept for the chunk pass
+    torch.testing.assert_close(p.double(), torch.softmax(t.double() / temperature, -1), rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("v", [600, head._TOPK_LAST + 1003])  # block stages; pyramid and threshold
@@ -220,3 +222,48 @@ def test_heads_by_rows_splits_every_token_once_in_row_order():
     assert [sorted(p.tolist()) for p in pieces] == [[3, 9, 14, 15], [22, 27, 33, 40, 49], [58, 61]]
     assert sorted(heads.flat().tolist()) == [3, 9, 14, 15, 22, 27, 33, 40, 49, 58, 61]
     assert [p.tolist() for p in head.Heads(3, torch.zeros(3)).by_rows(v, [0, 3])] == [[]]
+
+
+def test_heads_by_chunks_gives_each_chunk_its_tokens_in_its_own_layout():
+    # akl_group's loop reads these: a chunk's head tokens as flat indices into its (rows, V)
+    # buffers and their rows in it, for every chunk at once
+    v = 10
+    heads = head.Heads(7, torch.zeros(7))
+    heads.add(torch.tensor([3, 14, 15, 61]))
+    heads.add(torch.tensor([[22, 27], [40, 49]]))
+    heads.add(torch.tensor([9, 33, 58]))
+    starts = [0, 2, 5, 7]
+    chunks = heads.by_chunks(v, starts)
+    assert len(chunks) == 3
+    for (flat, row), a, b, want in zip(
+        chunks, starts[:-1], starts[1:], heads.by_rows(v, starts), strict=True
+    ):
+        assert sorted((flat + a * v).tolist()) == sorted(want.tolist())
+        assert torch.equal(row, flat // v)
+        assert bool(((row >= 0) & (row < b - a)).all())
+    assert [(f.tolist(), r.tolist()) for f, r in head.Heads(3, torch.zeros(3)).by_chunks(v, [0, 3])] == [
+        ([], [])
+    ]
+
+
+def test_w_head_is_head_weight_also_where_p_equals_q():
+    # the grouped loop's two-op w_head: 0.5 where gap == 0 (p == q), g_head / gap elsewhere
+    from akl_core.divergences.definitions import head_weight
+
+    g_head = torch.tensor([0.0, 0.1, 0.0, 0.3, 2e-30])
+    gap = torch.tensor([0.0, 0.4, 0.2, 0.3, 5e-30])
+    got = rows_mod._w_head(g_head, gap, torch.empty(5))
+    torch.testing.assert_close(got, head_weight(g_head, gap), rtol=1e-6, atol=0)
+    assert got[0] == 0.5
+
+
+def test_grouped_akl_of_a_student_equal_to_its_teacher_is_zero_with_weight_half():
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(24, 700, generator=g) * 3
+    s = t.clone()
+    s[1::2] += torch.randn(12, 700, generator=g)  # every other row differs
+    out = torch.empty_like(s)
+    loss, stats = akl_group(s, t, 0.5, False, Workspace(24, 700, s.device), out, 5, 1.0)
+    assert bool((loss[::2] == 0).all()) and bool((stats["w_head"][::2] == 0.5).all())
+    assert bool((out[::2] == 0).all())
+    assert bool((loss[1::2] > 0).all())
