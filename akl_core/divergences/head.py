@@ -146,8 +146,8 @@ def head_tokens(rows: HeadRows, mu: float) -> Heads:
     (``_head_from_threshold``); then the full sort (``head_by_sort``) on the rows left.
 
     rows: a ``rows.Rows`` (one chunk) or ``rows.GroupRows`` (a group of chunks, teacher only);
-    the search reads its z_t, p_max, lse_t and bmax, and p through ``p_at`` / ``p_rows``,
-    gathering only a few tokens of each row.
+    the search reads its z_t, p, p_max, lse_t and bmax (p through ``p_at`` / ``p_rows`` and
+    gathers), only a few tokens of each row but for the compare of flat rows at T = 2.
     """
     n, v = rows.z_t.shape
     heads = Heads(n, rows.lse_t)
@@ -275,7 +275,6 @@ def _head_from_threshold(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, 
             if r == rows.z_t.shape[0]
             else at + ((todo - torch.arange(r, device=todo.device)) * v).index_select(0, loc)
         )
-        z = take(rows.z_t, flat)
     else:
         loc, blk = _nonzero_2d(above)  # (Mb,) row in todo, block
         cols = block_cols(blk, v)  # (Mb, _BLOCK)
@@ -283,8 +282,8 @@ def _head_from_threshold(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, 
         z = take(rows.z_t, flat)
         keep = ((z >= tau_raw.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
         loc = loc.index_select(0, keep // _BLOCK)
-        flat, z = flat.view(-1).index_select(0, keep), z.view(-1).index_select(0, keep)
-    return ok & _head_of_candidates(rows, todo, loc, flat, z, bm.amax(-1), tau, mu, heads)
+        flat = flat.view(-1).index_select(0, keep)
+    return ok & _head_of_candidates(rows, todo, loc, flat, tau - bm.amax(-1), mu, heads)
 
 
 def take(x: Tensor, flat: Tensor) -> Tensor:
@@ -304,28 +303,31 @@ def _count_at_most(cum: Tensor, mu: float) -> Tensor:
     return torch.searchsorted(cum, cum.new_full((cum.shape[0], 1), mu), right=True)
 
 
-def _head_of_candidates(rows: HeadRows, todo, loc, flat, z, z_max, tau, mu, heads: Heads) -> Tensor:
+def _head_of_candidates(rows: HeadRows, todo, loc, flat, low, mu, heads: Heads) -> Tensor:
     """Head of rows given every token above a threshold whose mass exceeds mu, flat.
 
-    loc (M,): row (in todo) of each candidate, ascending; flat: its flat index; z: its logit as
-    stored in rows.z_t (untempered when rows.t != 1); z_max, tau: per row of todo, the largest
-    tempered logit and the threshold (tempered). The same as a sort of the candidates, without
-    it: a fine histogram of z_max - z / T (_FINE_WIDTH nats) gives each bucket's mass; the
-    tokens of the buckets before the one where the cumulative mass first exceeds mu are the head,
-    and only that boundary bucket's few tokens are sorted and cut by the cumulative rule.
-    Each op here runs over all M candidates (~1600 per row of real logits at T = 2), so they are
-    kept few. Returns the rows settled.
+    loc (M,): row (in todo) of each candidate, ascending; flat: its flat index; low: per row of
+    todo, the threshold below the row's largest tempered logit (tau - z_max <= 0, in nats; not
+    finite for a row with no candidates). The same as a sort of the candidates, without it: a fine
+    histogram of log max(p) - log p (_FINE_WIDTH nats; = z_max - z / T) gives each bucket's
+    mass; the tokens of the buckets before the one where the cumulative mass first exceeds mu are
+    the head, and only that boundary bucket's few tokens are sorted (by p) and cut by the
+    cumulative rule. Each op here runs over all M candidates (~1600 per row of real logits at
+    T = 2), so they are kept few; p is read from the rows' p (no logits gathered). Returns the
+    rows settled.
     """
-    r, t = todo.numel(), rows.t
+    r = todo.numel()
     scale = 1.0 / _FINE_WIDTH
     # as many buckets as the candidates span (a few nats at T = 2), a margin for rounding
-    span = ((z_max - tau) * scale).masked_fill_(~tau.isfinite(), 0.0)
+    span = (low * -scale).masked_fill_(~low.isfinite(), 0.0)
     nf = int(span.max()) + 3 if r else 1
-    # bucket id, offset by row: floor(row nf + 0.5 + (z_max - z / T) / _FINE_WIDTH), one op
-    # from the stored logits (monotone in z, so the buckets are ranges of the sorted row)
-    zo = z_max * scale + torch.arange(r, dtype=z_max.dtype, device=z_max.device) * nf + 0.5
-    ids = torch.sub(zo.index_select(0, loc), z, alpha=scale / t).to(torch.long)
-    p = rows.p_double(flat, z, loc, todo)
+    p32 = take(rows.p, flat)
+    # bucket id, offset by row: floor(row nf + 0.5 + (log max p - log p) / _FINE_WIDTH): monotone
+    # in p, so the buckets are ranges of the sorted row (p <= max p: ids >= row nf)
+    zo = rows.p_max.index_select(0, todo).log().mul_(scale)
+    zo += torch.arange(r, dtype=zo.dtype, device=zo.device) * nf + 0.5
+    ids = torch.sub(zo.index_select(0, loc), p32.log(), alpha=scale).to(torch.long)
+    p = p32.double()
     cum = torch.bincount(ids, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
     last = _count_at_most(cum, mu)  # (r, 1) the boundary bucket
     ok = (last < nf).squeeze(1)
@@ -336,9 +338,9 @@ def _head_of_candidates(rows: HeadRows, todo, loc, flat, z, z_max, tau, mu, head
     id_last = (last.squeeze(1) + torch.arange(0, r * nf, nf, device=loc.device)).index_select(0, loc)
     before = ids < id_last
     loc_all, flat_all = loc, flat
-    # the boundary bucket's tokens, sorted per row ((r, k) padded with -inf)
+    # the boundary bucket's tokens, sorted per row by p ((r, k) padded with -1)
     at = (ids == id_last).nonzero().squeeze(1)
-    loc, z, p, f = (x.index_select(0, at) for x in (loc, z, p, flat))
+    loc, p, f = (x.index_select(0, at) for x in (loc, p, flat))
     count = torch.bincount(loc, minlength=r)
     k = max(int(count.max()) if loc.numel() else 0, 1)
     pos = (
@@ -346,16 +348,14 @@ def _head_of_candidates(rows: HeadRows, todo, loc, flat, z, z_max, tau, mu, head
         + torch.arange(loc.numel(), device=loc.device)
         - (count.cumsum(0) - count).index_select(0, loc)
     )
-    z_s, order = (
-        torch.full((r * k,), -math.inf, device=z.device)
-        .index_copy_(0, pos, z.float())
+    p_s, order = (
+        torch.full((r * k,), -1.0, dtype=p.dtype, device=p.device)
+        .index_copy_(0, pos, p)
         .view(r, k)
         .sort(-1, descending=True)
     )
-    pad = z_s == -math.inf
-    p_s = (
-        torch.zeros(r * k, dtype=p.dtype, device=p.device).index_copy_(0, pos, p).view(r, k).gather(-1, order)
-    )
+    pad = p_s < 0
+    p_s = p_s.clamp_(min=0.0)
     f_s = (
         torch.zeros(r * k, dtype=f.dtype, device=f.device).index_copy_(0, pos, f).view(r, k).gather(-1, order)
     )

@@ -102,10 +102,6 @@ class Rows:
         """p at the flat indices ``flat`` (whose logits z_t are ``z``, rows ``row``)."""
         return take(self.p, flat)
 
-    def p_double(self, flat: Tensor, z: Tensor, loc: Tensor, todo: Tensor) -> Tensor:
-        """p in float64 at the flat indices ``flat`` (logits ``z``, rows todo[loc])."""
-        return take(self.p, flat).double()
-
     def p_rows(self, rows: Tensor) -> Tensor:
         return self.p[rows]
 
@@ -248,9 +244,6 @@ class GroupRows:
 
     def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
         return take(self.p, flat)
-
-    def p_double(self, flat: Tensor, z: Tensor, loc: Tensor, todo: Tensor) -> Tensor:
-        return take(self.p, flat).double()
 
     def p_rows(self, rows: Tensor) -> Tensor:
         return self.p[rows]
