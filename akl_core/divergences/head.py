@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,6 +46,9 @@ _BUCKET_WIDTH, _NBUCKETS = 1.0 / 64, 1024
 # 6144 blocks, ~1600 tokens per row)
 _COMPARE_OVER_GATHER = 32
 # then a fine histogram of the tokens above that threshold (_head_of_candidates)
+# masks of more entries than this are compacted by numpy (``flat_nonzero``); smaller ones by torch
+_NUMPY_NONZERO_OVER = 4096
+_LOG2E = 1.0 / math.log(2.0)
 _FINE_WIDTH, _NFINE = 1.0 / 256, 4096
 
 
@@ -250,9 +254,10 @@ def _head_from_threshold(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, 
     bm = bmax if r == rows.z_t.shape[0] else bmax.index_select(0, todo)  # (r, nblocks)
     lse = rows.lse_t.index_select(0, todo)[:, None]
     z_max = bm.amax(-1, keepdim=True)
-    ids = (z_max - bm).mul_(1.0 / _BUCKET_WIDTH).clamp_(0, nb - 1).to(torch.long)
-    ids += torch.arange(0, r * nb, nb, device=ids.device)[:, None]
-    lower = torch.bincount(ids.flatten(), weights=(bm - lse).exp_().flatten(), minlength=r * nb)
+    ids = (z_max - bm).mul_(1.0 / _BUCKET_WIDTH).clamp_(0, nb - 1).to(_index_dtype(r * nb))
+    ids += torch.arange(0, r * nb, nb, dtype=ids.dtype, device=ids.device)[:, None]
+    weights = torch.sub(bm, lse).mul_(_LOG2E).exp2_()  # exp(b - lse): exp2 measured 4x faster than exp
+    lower = torch.bincount(ids.flatten(), weights=weights.flatten(), minlength=r * nb)
     last = _count_at_most(lower.view(r, nb).cumsum(-1), mu)  # (r, 1) first bucket with L > mu
     ok = (last < nb - 1).squeeze(1)
     # tau: a bucket below that one, so that every block counted is above it whatever the
@@ -265,25 +270,50 @@ def _head_from_threshold(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, 
     tau_raw = tau * rows.t
     above = bm >= tau[:, None]  # the blocks holding the candidates
     if int(torch.count_nonzero(above)) * _BLOCK * _COMPARE_OVER_GATHER > r * v:
-        # flat rows: one compare over them is cheaper than gathering the blocks' tokens
-        z_r = rows.z_t if r == rows.z_t.shape[0] else rows.z_t.index_select(0, todo)
-        mask = torch.ge(z_r, tau_raw[:, None], out=rows.ws.get("above", r, torch.bool))
-        at = mask.view(-1).nonzero().squeeze(1)  # flat in z_r
-        loc = at // v
-        flat = (
-            at
-            if r == rows.z_t.shape[0]
-            else at + ((todo - torch.arange(r, device=todo.device)) * v).index_select(0, loc)
-        )
+        # flat rows: one compare over them is cheaper than gathering the blocks' tokens. Over
+        # every row (the rows not to do get no candidates): copying the rows to do measured
+        # ~40 ms per group of 2^22 logits, the compare of a few more rows ~0.1 ms each
+        n = rows.z_t.shape[0]
+        mask = rows.ws.get("above", n, torch.bool)
+        if r == n:
+            torch.ge(rows.z_t, tau_raw[:, None], out=mask)
+            flat = flat_nonzero(mask)
+            loc = flat // v
+        else:
+            tau_all = tau_raw.new_full((n,), math.inf).index_copy_(0, todo, tau_raw)
+            torch.ge(rows.z_t, tau_all[:, None], out=mask)
+            skip = torch.ones(n, dtype=torch.bool, device=todo.device).index_fill_(0, todo, False)
+            mask[skip] = False  # (a +inf logit is >= inf)
+            flat = flat_nonzero(mask)
+            in_todo = torch.full((n,), -1, dtype=torch.long, device=todo.device)
+            loc = in_todo.index_copy_(0, todo, torch.arange(r, device=todo.device)).index_select(0, flat // v)
     else:
         loc, blk = _nonzero_2d(above)  # (Mb,) row in todo, block
         cols = block_cols(blk, v)  # (Mb, _BLOCK)
         flat = (todo.index_select(0, loc) * v)[:, None] + cols.clamp(max=v - 1)
         z = take(rows.z_t, flat)
-        keep = ((z >= tau_raw.index_select(0, loc)[:, None]) & (cols < v)).view(-1).nonzero().squeeze(1)
+        keep = flat_nonzero((z >= tau_raw.index_select(0, loc)[:, None]) & (cols < v))
         loc = loc.index_select(0, keep // _BLOCK)
         flat = flat.view(-1).index_select(0, keep)
     return ok & _head_of_candidates(rows, todo, loc, flat, tau - bm.amax(-1), mu, heads)
+
+
+def flat_nonzero(mask: Tensor) -> Tensor:
+    """Positions (int64, ascending) of the True entries of a bool mask, flattened: torch's
+    ``mask.view(-1).nonzero()`` squeezed. On CPU through numpy's ``flatnonzero`` on the same
+    memory (no copy): 2.1x faster on the real T = 2 masks (71 M entries, 3.6 % true: 38 ms
+    against 80, one thread), and the compare path's compaction is the largest op of AKL's head
+    search there."""
+    if mask.device.type == "cpu" and mask.numel() > _NUMPY_NONZERO_OVER:
+        at = torch.from_numpy(np.flatnonzero(mask.contiguous().view(-1).numpy()))
+        return at if at.dtype == torch.long else at.long()
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    """int32 for bucket ids below n when they fit: converting floats to int32 and counting them
+    measured 2-6x faster than with int64 on CPU (the histograms of the threshold stage)."""
+    return torch.int32 if n < 2**31 else torch.long
 
 
 def take(x: Tensor, flat: Tensor) -> Tensor:
@@ -293,7 +323,7 @@ def take(x: Tensor, flat: Tensor) -> Tensor:
 
 def _nonzero_2d(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(row, column) of the True entries of a 2-D mask, row-major."""
-    at = mask.view(-1).nonzero().squeeze(1)
+    at = flat_nonzero(mask)
     return at // mask.shape[1], at % mask.shape[1]
 
 
@@ -326,7 +356,7 @@ def _head_of_candidates(rows: HeadRows, todo, loc, flat, low, mu, heads: Heads) 
     # in p, so the buckets are ranges of the sorted row (p <= max p: ids >= row nf)
     zo = rows.p_max.index_select(0, todo).log().mul_(scale)
     zo += torch.arange(r, dtype=zo.dtype, device=zo.device) * nf + 0.5
-    ids = torch.sub(zo.index_select(0, loc), p32.log(), alpha=scale).to(torch.long)
+    ids = torch.sub(zo.index_select(0, loc), p32.log(), alpha=scale).to(_index_dtype(r * nf))
     p = p32.double()
     cum = torch.bincount(ids, weights=p, minlength=r * nf).view(r, nf).cumsum(-1)
     last = _count_at_most(cum, mu)  # (r, 1) the boundary bucket
@@ -335,11 +365,13 @@ def _head_of_candidates(rows: HeadRows, todo, loc, flat, low, mu, heads: Heads) 
     m0 = torch.where(last > 0, cum.gather(-1, (last - 1).clamp_(min=0)), 0.0).squeeze(1)
     n0 = torch.bincount(ids, minlength=r * nf).view(r, nf).cumsum(-1)
     n0 = torch.where(last > 0, n0.gather(-1, (last - 1).clamp_(min=0)), 0).squeeze(1)
-    id_last = (last.squeeze(1) + torch.arange(0, r * nf, nf, device=loc.device)).index_select(0, loc)
+    id_last = (
+        (last.squeeze(1) + torch.arange(0, r * nf, nf, device=loc.device)).to(ids.dtype).index_select(0, loc)
+    )
     before = ids < id_last
     loc_all, flat_all = loc, flat
     # the boundary bucket's tokens, sorted per row by p ((r, k) padded with -1)
-    at = (ids == id_last).nonzero().squeeze(1)
+    at = flat_nonzero(ids == id_last)
     loc, p, f = (x.index_select(0, at) for x in (loc, p, flat))
     count = torch.bincount(loc, minlength=r)
     k = max(int(count.max()) if loc.numel() else 0, 1)
@@ -363,7 +395,8 @@ def _head_of_candidates(rows: HeadRows, todo, loc, flat, low, mu, heads: Heads) 
     head = (c <= mu) & ~pad
     head[:, 0] |= n0 == 0  # the top-1 token is always in the head
     done = ok & ((c > mu) & ~pad).any(-1)
-    heads.add(flat_all[before] if bool(done.all()) else flat_all[before & done.index_select(0, loc_all)])
+    keep = before if bool(done.all()) else before & done.index_select(0, loc_all)
+    heads.add(flat_all.index_select(0, flat_nonzero(keep)))
     heads.add(f_s[head & done[:, None]])
     heads.size[todo[done]] = (n0 + head.sum(-1))[done].to(heads.size.dtype)
     return done

@@ -267,3 +267,17 @@ def test_grouped_akl_of_a_student_equal_to_its_teacher_is_zero_with_weight_half(
     assert bool((loss[::2] == 0).all()) and bool((stats["w_head"][::2] == 0.5).all())
     assert bool((out[::2] == 0).all())
     assert bool((loss[1::2] > 0).all())
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (40, 5000), (0, 5000)])
+@pytest.mark.parametrize("density", [0.0, 0.03, 1.0])
+def test_flat_nonzero_is_torch_nonzero(shape, density):
+    # numpy's flatnonzero on the mask's memory above _NUMPY_NONZERO_OVER entries, torch below
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(shape, generator=g) < density
+    want = mask.reshape(-1).nonzero().squeeze(1)
+    got = head.flat_nonzero(mask)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    if mask.dim() == 2 and mask.shape[0] > 2:
+        sub = mask[:, ::2]  # not contiguous
+        assert torch.equal(head.flat_nonzero(sub), sub.reshape(-1).nonzero().squeeze(1))
