@@ -46,10 +46,10 @@ _BUCKET_WIDTH, _NBUCKETS = 1.0 / 64, 1024
 # 6144 blocks, ~1600 tokens per row)
 _COMPARE_OVER_GATHER = 32
 # then a fine histogram of the tokens above that threshold (_head_of_candidates)
+_FINE_WIDTH = 1.0 / 256
 # masks of more entries than this are compacted by numpy (``flat_nonzero``); smaller ones by torch
 _NUMPY_NONZERO_OVER = 4096
 _LOG2E = 1.0 / math.log(2.0)
-_FINE_WIDTH, _NFINE = 1.0 / 256, 4096
 
 
 def n_blocks(v: int) -> int:
@@ -193,11 +193,12 @@ def head_gap(rows: Rows, mu: float) -> tuple[Tensor, Tensor]:
     return row_sums_at(rows.qp, heads.flat()), heads.size
 
 
-def row_sums_at(x: Tensor, flat: Tensor) -> Tensor:
-    """Per row of x (R, V), the sum of |x| at the flat indices ``flat``."""
+def row_sums_at(x: Tensor, flat: Tensor, row: Tensor | None = None) -> Tensor:
+    """Per row of x (R, V), the sum of |x| at the flat indices ``flat`` (their rows ``row``,
+    flat // V, when the caller has them already)."""
     r, v = x.shape
     e = take(x, flat).abs_().double()  # bincount adds in order: in double, as exact as a pairwise sum
-    return torch.bincount(flat // v, weights=e, minlength=r).to(x.dtype)
+    return torch.bincount(flat // v if row is None else row, weights=e, minlength=r).to(x.dtype)
 
 
 def _head_of_one(rows: HeadRows, mu: float, heads: Heads, bmax: Tensor) -> Tensor:
@@ -271,8 +272,8 @@ def _head_from_threshold(rows: HeadRows, mu: float, heads: Heads, todo: Tensor, 
     above = bm >= tau[:, None]  # the blocks holding the candidates
     if int(torch.count_nonzero(above)) * _BLOCK * _COMPARE_OVER_GATHER > r * v:
         # flat rows: one compare over them is cheaper than gathering the blocks' tokens. Over
-        # every row (the rows not to do get no candidates): copying the rows to do measured
-        # ~40 ms per group of 2^22 logits, the compare of a few more rows ~0.1 ms each
+        # every row (the rows not to do get no candidates), not over a copy of the rows to do:
+        # a fresh 16 MB tensor per group of 2^22 logits, ~10 ms with its page faults
         n = rows.z_t.shape[0]
         mask = rows.ws.get("above", n, torch.bool)
         if r == n:

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from akl_core.divergences import definitions
-from akl_core.divergences.definitions import head_weight
-from akl_core.divergences.head import block_max, head_gap, head_tokens, n_blocks, take
+from akl_core.divergences.head import block_max, head_gap, head_tokens, n_blocks, row_sums_at, take
 from akl_core.divergences.options import DivergenceOptions
 
 if TYPE_CHECKING:
@@ -200,17 +199,18 @@ def _akl_weights(fkl, rkl, gap, g_head, size, swap: bool):
     return w_f, w_r, stats
 
 
-def _w_head(g_head: Tensor, gap: Tensor, out: Tensor) -> Tensor:
-    """``definitions.head_weight`` into ``out`` in two ops: g_head / gap, and 0.5 where
-    gap == 0 (then g_head == 0 too: 0 / 0 is the only NaN). For a subnormal gap (< 1.2e-38,
-    a loss of ~0) it is the plain ratio, where head_weight divides by the clamped gap."""
+def _w_head(g_head: Tensor, gap: Tensor, out: Tensor | None = None) -> Tensor:
+    """``definitions.head_weight`` (into ``out`` when given) in two ops: g_head / gap, and 0.5
+    where gap == 0 (then g_head == 0 too: 0 / 0 is the only NaN). For a subnormal gap
+    (< 1.2e-38, a loss of ~0) it is the plain ratio, where head_weight divides by the clamped
+    gap."""
     return torch.div(g_head, gap, out=out).nan_to_num_(nan=0.5)
 
 
 def _head_stats(gap: Tensor, g_head: Tensor, size: Tensor) -> dict[str, Tensor]:
     """g_head, g_tail, w_head, head_size from gap = sum |p - q| = g_head + g_tail."""
     g_tail = (gap - g_head).clamp_min_(0.0)
-    return {"g_head": g_head, "g_tail": g_tail, "w_head": head_weight(g_head, gap), "head_size": size}
+    return {"g_head": g_head, "g_tail": g_tail, "w_head": _w_head(g_head, gap), "head_size": size}
 
 
 def _akl_parts_safe(rows: Rows, mu: float, out: Tensor | None, swap: bool):
@@ -341,9 +341,7 @@ def akl_group(
             rkl_.mul_(inv_t)
         rkl_.addcmul_(c_, q.sum(-1)).neg_()
         qp = torch.sub(q, p, out=inner.get("qp", r))
-        # g_head: |q - p| at the chunk's head tokens, summed in float64 (``row_sums_at``)
-        e = qp.view(-1).index_select(0, head_flat).abs_().double()
-        g_head[a:b] = torch.bincount(head_row, weights=e, minlength=r)
+        g_head[a:b] = row_sums_at(qp, head_flat, head_row)  # |q - p| at the chunk's head tokens
         gap_ = torch.sum(torch.abs(qp, out=inner.get("abs", r)), -1, out=gap[a:b])
         w_f = _w_head(g_head[a:b], gap_, w_head[a:b])
         if swap:  # AKL-r swaps the weights
