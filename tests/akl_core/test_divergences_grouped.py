@@ -281,3 +281,28 @@ def test_flat_nonzero_is_torch_nonzero(shape, density):
     if mask.dim() == 2 and mask.shape[0] > 2:
         sub = mask[:, ::2]  # not contiguous
         assert torch.equal(head.flat_nonzero(sub), sub.reshape(-1).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7), (40, 5000)])
+def test_ge_rows_is_torch_ge(dtype, shape):
+    # numpy's compare on the same memory above _NUMPY_NONZERO_OVER entries (fp32 / fp64), torch's
+    # otherwise; NaN, +-inf and a threshold equal to an entry included, z not contiguous too
+    g = torch.Generator().manual_seed(4)
+    z = (torch.randn(shape, generator=g) * 3).to(dtype)
+    z[0, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+    thr = torch.randn(shape[0], generator=g)
+    thr[1] = float(z[1, 2])  # ties are >=
+    thr[2] = math.inf
+    for x in (z, z[:, ::2]):
+        out = torch.empty(x.shape, dtype=torch.bool)
+        got = head.ge_rows(x, thr, out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(got, x >= thr[:, None].to(torch.promote_types(x.dtype, thr.dtype)))
+
+
+@pytest.mark.parametrize("n", [0, 5, 100_000])
+def test_floor_div_is_torch_floor_divide(n):
+    flat = torch.randint(0, 49152 * 85, (n,), generator=torch.Generator().manual_seed(6))
+    got = head.floor_div(flat, 49152)
+    assert got.dtype == torch.long and torch.equal(got, flat // 49152)
