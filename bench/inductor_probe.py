@@ -1,6 +1,6 @@
 """Probe: what would torch.compile (Inductor, C++ on CPU) give AKL's element-wise work, against FKL's?
 
-    python bench/inductor_probe.py                 # real logits, T = 1 and 2, 5 rounds (~2 min with compiling)
+    python bench/inductor_probe.py                 # real logits, T = 1 and 2, 5 rounds (~4 min with compiling)
 
 Issue 15 keeps the CPU path in eager PyTorch ("CPU: torch stays"); in eager mode every op is a
 pass over memory, and AKL needs about twice FKL's passes (docs/bench-divergences.md). This probe
@@ -16,7 +16,13 @@ On the real logits (bench/real_logits.py, the first 1450 response tokens, V = 49
   RKL and |p - q| sums, the weights, the weighted gradient), given each row's g_head, which the
   head search found beforehand (untimed);
 - ``eager_head_search``: the teacher pass and the head search (``rows._teacher_pass``,
-  ``head.head_tokens``) alone, as shipped.
+  ``head.head_tokens``) alone, as shipped;
+- ``hybrid_fkl`` / ``hybrid_akl``: the softmaxes left to ATen (its CPU softmax is faster than
+  what Inductor generates) and only the passes after them compiled: FKL's loss and q - p; AKL's
+  shipped teacher pass and head search, then per chunk q (eager), one compiled pass for the FKL,
+  RKL and |p - q| sums, g_head gathered (eager) and one compiled pass for the gradient. The
+  fairest measure of what fusing AKL's extra passes is worth (no autograd: ~15 ms less than a
+  ``compute`` fwd+bwd would cost).
 Ratios are the median over rounds of each time over eager_fkl's in the same round. Writes
 bench/results/inductor-probe.json.
 """
@@ -70,6 +76,62 @@ def g_heads(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.cat(out)
 
 
+def fkl_post(p, q, zt, zs, lse_t, inv_t: float, grad):
+    """FKL after the softmaxes (zt, zs untempered): the loss, and q - p into grad."""
+    lse_s = zs.amax(-1) * inv_t - q.amax(-1).log()
+    grad.copy_(q - p)
+    return (p * ((zt - zs) * inv_t + (lse_s - lse_t)[:, None])).sum(-1)
+
+
+def akl_stats(p, q, zt, zs, lse_t, inv_t: float):
+    """AKL's row sums after the softmaxes, in one fused pass: FKL, RKL, |p - q|, c."""
+    c = zs.amax(-1) * inv_t - q.amax(-1).log() - lse_t
+    d = (zt - zs) * inv_t + c[:, None]
+    return (p * d).sum(-1), -(q * d).sum(-1), (q - p).abs().sum(-1), c
+
+
+def akl_grad(p, q, zt, zs, c, w_f, rkl, inv_t: float, grad):
+    """AKL's gradient wrt the untempered student logits, in one fused pass."""
+    w_r = 1.0 - w_f
+    d = (zt - zs) * inv_t + c[:, None]
+    grad.copy_((w_f[:, None] * (q - p) - w_r[:, None] * q * (d + rkl[:, None])) * inv_t)
+
+
+def hybrid_fkl(s, t, temperature: float, post) -> None:
+    n, v = s.shape
+    grad = torch.empty_like(s)
+    pb, qb = torch.empty(ROWS, v), torch.empty(ROWS, v)
+    for a in range(0, n, ROWS):
+        zt, zs = t[a : a + ROWS], s[a : a + ROWS]
+        p = torch.softmax(zt / temperature, -1, out=pb)
+        q = torch.softmax(zs / temperature, -1, out=qb)
+        lse_t = zt.amax(-1) / temperature - p.amax(-1).log()
+        post(p, q, zt, zs, lse_t, 1.0 / temperature, grad[a : a + ROWS])
+
+
+def hybrid_akl(s, t, temperature: float, stats, grad_fn) -> None:
+    n, v = s.shape
+    grad = torch.empty_like(s)
+    group = GROUP - GROUP % ROWS  # whole chunks in every group: one compiled shape
+    ws = Workspace(group, v, s.device)
+    inner = ws.sub(ROWS)
+    qb = torch.empty(ROWS, v)
+    for g0 in range(0, n, group):
+        tg, sg = t[g0 : g0 + group], s[g0 : g0 + group]
+        g = tg.shape[0]
+        lse_t, p_max, bmax, p_all = rows._teacher_pass(tg, temperature, ROWS // 2, ws, inner)
+        heads = head.head_tokens(rows.GroupRows(tg, temperature, p_all, p_max, lse_t, bmax, ws), 0.5)
+        starts = list(range(0, g, ROWS))
+        for a, (flat, row) in zip(starts, heads.by_chunks(v, [*starts, g]), strict=True):
+            b = a + ROWS
+            q = torch.softmax(sg[a:b] / temperature, -1, out=qb)
+            p = p_all[a:b]
+            fkl, rkl, gap, c = stats(p, q, tg[a:b], sg[a:b], lse_t[a:b], 1.0 / temperature)
+            g_head = head.row_sums_at(q - p, flat, row)
+            w_f = rows._w_head(g_head, gap)
+            grad_fn(p, q, tg[a:b], sg[a:b], c, w_f, rkl, 1.0 / temperature, grad[g0 + a : g0 + b])
+
+
 def head_search(t: torch.Tensor, temperature: float) -> None:
     ws = Workspace(GROUP, t.shape[1], t.device)
     inner = ws.sub(ROWS)
@@ -90,6 +152,11 @@ def probe(s: torch.Tensor, t: torch.Tensor, temperature: float, rounds: int) -> 
     scratch = torch.empty(ROWS, s.shape[1])
     fkl_c(s[:ROWS] / temperature, t[:ROWS] / temperature, scratch)
     akl_c(s[:ROWS] / temperature, t[:ROWS] / temperature, gh[:ROWS], scratch)
+    post_c = torch.compile(fkl_post, dynamic=False)
+    stats_c = torch.compile(akl_stats, dynamic=False)
+    grad_c = torch.compile(akl_grad, dynamic=False)
+    hybrid_fkl(s[:ROWS], t[:ROWS], temperature, post_c)
+    hybrid_akl(s[:ROWS], t[:ROWS], temperature, stats_c, grad_c)
     compile_s = time.perf_counter() - start
 
     def compiled(fn, with_head: bool) -> None:
@@ -108,6 +175,8 @@ def probe(s: torch.Tensor, t: torch.Tensor, temperature: float, rounds: int) -> 
         "compiled_fkl": lambda x: compiled(fkl_c, False),
         "compiled_akl_elementwise": lambda x: compiled(akl_c, True),
         "eager_head_search": lambda x: head_search(t, temperature),
+        "hybrid_fkl": lambda x: hybrid_fkl(s, t, temperature, post_c),
+        "hybrid_akl": lambda x: hybrid_akl(s, t, temperature, stats_c, grad_c),
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
