@@ -18,7 +18,15 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
+# the interpreter: $PYTHON, else python3 when it has torch, else the project's .venv (CPU dry runs)
 PY=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ] && ! "$PY" -c "import torch" >/dev/null 2>&1 && [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "bench/gpu.sh: $PY cannot import torch; run with PYTHON=/path/to/a/python/with/torch" >&2
+    exit 2
+fi
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
