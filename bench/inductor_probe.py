@@ -137,7 +137,7 @@ def head_search(t: torch.Tensor, temperature: float) -> None:
     inner = ws.sub(ROWS)
     for a in range(0, t.shape[0], GROUP):
         tg = t[a : a + GROUP]
-        lse, p_max, bmax, p = rows._teacher_pass(tg, temperature, ROWS, ws, inner)
+        lse, p_max, bmax, p = rows._teacher_pass(tg, temperature, ROWS // 2, ws, inner)  # as akl_group
         head.head_tokens(rows.GroupRows(tg, temperature, p, p_max, lse, bmax, ws), 0.5)
 
 

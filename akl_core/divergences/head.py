@@ -151,8 +151,8 @@ def head_tokens(rows: HeadRows, mu: float) -> Heads:
     (``_head_from_threshold``); then the full sort (``head_by_sort``) on the rows left.
 
     rows: a ``rows.Rows`` (one chunk) or ``rows.GroupRows`` (a group of chunks, teacher only);
-    the search reads its z_t, p, p_max, lse_t and bmax (p through ``p_at`` / ``p_rows`` and
-    gathers), only a few tokens of each row but for the compare of flat rows at T = 2.
+    the search reads its z_t (through ``z_take``), p, p_max, lse_t and bmax, only a few tokens
+    of each row but for the compare of flat rows at T = 2.
     """
     n, v = rows.z_t.shape
     heads = Heads(n, rows.lse_t)
@@ -181,7 +181,7 @@ def head_tokens(rows: HeadRows, mu: float) -> Heads:
         done = _head_from_threshold(rows, mu, heads, todo, bmax)
         todo = todo[~done]
     if todo.numel() > 0:  # the rows left: the definition itself
-        idx, head = head_by_sort(rows.p_rows(todo), mu)
+        idx, head = head_by_sort(rows.p[todo], mu)
         heads.add((idx + (todo * v)[:, None])[head])
         heads.size[todo] = head.sum(-1).to(heads.size.dtype)
     return heads
@@ -199,7 +199,7 @@ def row_sums_at(x: Tensor, flat: Tensor, row: Tensor | None = None) -> Tensor:
     flat // V, when the caller has them already)."""
     r, v = x.shape
     e = take(x, flat).abs_().double()  # bincount adds in order: in double, as exact as a pairwise sum
-    return torch.bincount(flat // v if row is None else row, weights=e, minlength=r).to(x.dtype)
+    return torch.bincount(floor_div(flat, v) if row is None else row, weights=e, minlength=r).to(x.dtype)
 
 
 def _head_of_one(rows: HeadRows, mu: float, heads: Heads, bmax: Tensor) -> Tensor:
@@ -490,7 +490,7 @@ def _head_of_blocks(rows, mu, heads: Heads, todo, bidx: Tensor, bound: Tensor, k
     cand, order = cand.topk(min(keep, cand.shape[1]), dim=-1)  # sorted; cheaper than a sort
     flat = flat.gather(-1, order)
     pad = cand == -math.inf
-    p_c = rows.p_at(flat, cand, todo[:, None]).masked_fill_(pad, 0.0)
+    p_c = take(rows.p, flat).masked_fill_(pad, 0.0)
     return _head_of_sorted(p_c, flat, mu, heads, todo, cand > bound)
 
 

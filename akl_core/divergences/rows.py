@@ -97,13 +97,6 @@ class Rows:
         """The tempered teacher logits at the flat indices ``flat``."""
         return take(self.z_t, flat)
 
-    def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
-        """p at the flat indices ``flat`` (whose logits z_t are ``z``, rows ``row``)."""
-        return take(self.p, flat)
-
-    def p_rows(self, rows: Tensor) -> Tensor:
-        return self.p[rows]
-
     def buf(self, key: str) -> Tensor:
         return self.ws.get(key, self.p.shape[0])
 
@@ -241,12 +234,6 @@ class GroupRows:
         """Gathered logits / T in fp32: the values ``tempered`` gives the chunks."""
         z = take(self.z_t, flat)
         return (z if self.t == 1.0 else z / self.t).float()
-
-    def p_at(self, flat: Tensor, z: Tensor, row: Tensor) -> Tensor:
-        return take(self.p, flat)
-
-    def p_rows(self, rows: Tensor) -> Tensor:
-        return self.p[rows]
 
 
 def _teacher_pass(teacher: Tensor, t: float, sub_rows: int, ws: Workspace, inner: Workspace):

@@ -306,3 +306,18 @@ def test_floor_div_is_torch_floor_divide(n):
     flat = torch.randint(0, 49152 * 85, (n,), generator=torch.Generator().manual_seed(6))
     got = head.floor_div(flat, 49152)
     assert got.dtype == torch.long and torch.equal(got, flat // 49152)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.long])
+@pytest.mark.parametrize("n", [7, 20_000])
+def test_take_is_torch_take(dtype, n):
+    # numpy's take above _NUMPY_NONZERO_OVER indices for fp32 / fp64, index_select otherwise;
+    # x strided too (its flat layout is the logical row-major one), any shape of indices
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(60, 900, generator=g) * 100).to(dtype)
+    flat = torch.randint(0, 30 * 900, (n,), generator=g)
+    for src in (x, x[::2]):
+        for idx in (flat, flat[: n - n % 7].view(-1, 7)):
+            got = head.take(src, idx)
+            assert got.shape == idx.shape and got.dtype == src.dtype
+            assert torch.equal(got, src.take(idx))
